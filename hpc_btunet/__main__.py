@@ -1,0 +1,3 @@
+from hpc_btunet.submit import main
+
+raise SystemExit(main())

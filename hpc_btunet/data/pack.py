@@ -1,0 +1,256 @@
+"""``pack``: turn a dataset source into WebDataset tar shards plus ``manifest.json``.
+
+Order of work, so that bad input costs nothing and a crash loses nothing:
+1. list and validate the whole source (every offending file named in one error), split it;
+2. write each shard under a temporary name, rename it when complete, and record it in a journal;
+3. write the manifest last. A killed pack leaves no manifest; rerunning the same command keeps
+   the shards the journal vouches for (size and sha256 re-checked) and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hpc_btunet import __version__
+from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
+from hpc_btunet.data.codec import ENCODINGS, add_member, sample_members
+from hpc_btunet.data.manifest import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    sha256_file,
+)
+from hpc_btunet.data.sample import Entry, Source
+from hpc_btunet.data.splits import SplitConfig, make_splits
+from hpc_btunet.errors import DataError, UserError
+
+SHARD_PATTERN = re.compile(r"^(train|test)-\d{6}\.tar$")
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+MIN_IMAGE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    out: Path
+    image_size: int = 256
+    shard_size: int = 1000
+    encoding: str = "png"
+    overwrite: bool = False
+    workers: int = min(4, os.cpu_count() or 1)
+    splits: SplitConfig = SplitConfig()
+
+    def __post_init__(self) -> None:
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise UserError(
+                f"--image-size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}"
+            )
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.encoding not in ENCODINGS:
+            raise UserError(
+                f"--encoding {self.encoding!r} is unknown: choose {' or '.join(ENCODINGS)}"
+            )
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a complete dataset or a folder holding files that are not ours."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a folder")
+    if not out.is_dir():
+        return
+    if (out / MANIFEST_NAME).exists() and not overwrite:
+        raise UserError(
+            f"--out {out} already holds a complete packed dataset: pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+    foreign = [
+        p.name
+        for p in out.iterdir()
+        if not (
+            SHARD_PATTERN.match(p.name)
+            or p.name in (MANIFEST_NAME, JOURNAL_NAME)
+            or ".tmp-" in p.name
+        )
+    ]
+    if foreign and not overwrite:
+        shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise UserError(
+            f"--out {out} holds files that pack did not write ({shown}): choose an empty or new "
+            "folder, or pass --overwrite to pack beside them"
+        )
+
+
+def _check_keys(entries: list[Entry]) -> None:
+    bad = [e.key for e in entries if not _KEY_PATTERN.match(e.key)]
+    seen: set[str] = set()
+    dup = sorted({e.key for e in entries if e.key in seen or seen.add(e.key)})
+    problems = []
+    if bad:
+        problems.append(f"keys with characters outside [A-Za-z0-9_-]: {', '.join(bad[:20])}")
+    if dup:
+        problems.append(f"duplicate keys: {', '.join(dup[:20])}")
+    if problems:
+        raise DataError("the source produced unusable sample keys; " + "; ".join(problems))
+    if not entries:
+        raise DataError("the source has no samples: nothing to pack")
+
+
+def _plan_shards(
+    keys: list[str], split: str, shard_size: int, seed: int
+) -> list[tuple[str, list[str]]]:
+    """Shards of near-equal size holding the split's keys in a seeded random order, so that a
+    shard is a random mixture of the split (streaming reads stay well mixed)."""
+    if not keys:
+        return []
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    n = -(-len(order) // shard_size)
+    return [
+        (f"{split}-{i:06d}.tar", list(chunk)) for i, chunk in enumerate(np.array_split(order, n))
+    ]
+
+
+def _fingerprint(source: Source, cfg: PackConfig, entries: list[Entry]) -> str:
+    d = {
+        "source": source.describe(),
+        "content": getattr(source, "content_fingerprint", lambda: None)(),
+        "pack": {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "workers")},
+        "entries": [(e.key, e.group, e.has_mask, e.label) for e in entries],
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_journal(out: Path, fingerprint: str) -> dict[str, dict]:
+    """Shards recorded as complete by an interrupted pack of the same inputs, still intact."""
+    path = out / JOURNAL_NAME
+    try:
+        journal = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    if journal.get("fingerprint") != fingerprint:
+        return {}
+    done = {}
+    for name, rec in journal.get("shards", {}).items():
+        p = out / name
+        if p.is_file() and p.stat().st_size == rec["bytes"] and sha256_file(p) == rec["sha256"]:
+            done[name] = rec
+    return done
+
+
+def _write_shard(
+    path: Path, entries: list[Entry], load: Callable, encoding: str, pool, bar
+) -> ShardInfo:
+    keys, offsets = [], []
+    with (
+        atomic_open(path, "wb") as f,
+        tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for sample in pool.map(load, entries):
+            keys.append(sample.key)
+            offsets.append(tar.offset)
+            meta = {"key": sample.key, "group": sample.group, "label": sample.label}
+            for name, data in sample_members(sample.key, sample.image, sample.mask, meta, encoding):
+                add_member(tar, name, data)
+            bar.update(1)
+    split = path.name.split("-")[0]
+    return ShardInfo(
+        path.name, split, len(keys), path.stat().st_size, sha256_file(path), keys, offsets
+    )
+
+
+def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) -> Manifest:
+    """Pack ``source`` into ``cfg.out``; returns the manifest written there."""
+    out = Path(cfg.out)
+    _check_out(out, cfg.overwrite)
+    entries = source.entries()
+    _check_keys(entries)
+    source.validate(entries)
+    splits = make_splits(entries, cfg.splits)
+    by_key = {e.key: e for e in entries}
+    plan = _plan_shards(splits.train, "train", cfg.shard_size, cfg.splits.seed)
+    plan += _plan_shards(splits.test, "test", cfg.shard_size, cfg.splits.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if (
+        cfg.overwrite
+    ):  # the old manifest goes first, so a crash below never pairs it with new shards
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+    remove_stale_temporaries(out)
+    planned = {name for name, _ in plan}
+    for p in out.iterdir():
+        if SHARD_PATTERN.match(p.name) and p.name not in planned:
+            p.unlink()
+
+    fingerprint = _fingerprint(source, cfg, entries)
+    done = _load_journal(out, fingerprint)
+    if done:
+        log(f"resuming an interrupted pack: {len(done)} of {len(plan)} shards already complete")
+
+    def load(e: Entry):
+        return source.load(e, cfg.image_size)
+
+    infos: dict[str, ShardInfo] = {}
+    todo = sum(len(keys) for name, keys in plan if name not in done)
+    with (
+        ThreadPoolExecutor(cfg.workers) as pool,
+        tqdm(total=todo, unit="img", desc="pack", disable=None, leave=False) as bar,
+    ):
+        for name, keys in plan:
+            if name in done:
+                rec = done[name]
+                infos[name] = ShardInfo(
+                    name,
+                    name.split("-")[0],
+                    len(keys),
+                    rec["bytes"],
+                    rec["sha256"],
+                    keys,
+                    rec["offsets"],
+                )
+                continue
+            infos[name] = _write_shard(
+                out / name, [by_key[k] for k in keys], load, cfg.encoding, pool, bar
+            )
+            journal = {
+                "fingerprint": fingerprint,
+                "shards": {n: asdict(i) for n, i in infos.items()},
+            }
+            write_json(out / JOURNAL_NAME, journal)
+
+    manifest = Manifest(
+        source=source.describe(),
+        image_size=cfg.image_size,
+        channels=source.channels,
+        encoding=cfg.encoding,
+        seed=cfg.splits.seed,
+        fractions={
+            "test": cfg.splits.test_fraction,
+            "labelled": cfg.splits.labelled_fraction,
+            "folds": cfg.splits.folds,
+        },
+        splits={"train": splits.train, "test": splits.test},
+        labelled=splits.labelled,
+        folds=splits.folds,
+        groups={e.key: e.group for e in sorted(entries, key=lambda e: e.key)},
+        unlabelled=sorted(e.key for e in entries if not e.has_mask),
+        shards=[infos[name] for name, _ in plan],
+        package_version=__version__,
+    )
+    write_json(out / MANIFEST_NAME, manifest.to_json())
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    return manifest

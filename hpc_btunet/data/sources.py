@@ -1,0 +1,51 @@
+"""Registry of dataset sources for ``pack``: a name maps to an adapter class and its options.
+
+Adapters for public datasets (KDSB18, ISIC18, BUSI, BUSIS, BraTS18) register here beside the
+built-in synthetic nuclei and the generic images/ + masks/ folder.
+"""
+
+from __future__ import annotations
+
+from hpc_btunet.data.sample import Source
+from hpc_btunet.errors import UserError
+
+
+def _synthetic(root, num_images, channels, seed, group_size, **_):
+    from hpc_btunet.data.synthetic import SyntheticSource
+
+    if root is not None:
+        raise UserError(
+            "--root is not used with --source synthetic: drop it or use --source folder"
+        )
+    return SyntheticSource(
+        num_images=num_images,
+        channels=1 if channels == "auto" else int(channels),
+        seed=seed,
+        group_size=group_size,
+    )
+
+
+def _folder(root, channels, unlabelled, mask_suffix, group_regex, **_):
+    from hpc_btunet.data.folder import FolderSource
+
+    if root is None:
+        raise UserError("--source folder needs --root DIR (a folder holding images/ and masks/)")
+    return FolderSource(
+        root,
+        channels=channels if channels == "auto" else int(channels),
+        unlabelled=unlabelled,
+        mask_suffix=mask_suffix,
+        group_regex=group_regex,
+    )
+
+
+SOURCES = {"synthetic": _synthetic, "folder": _folder}
+
+
+def build_source(name: str, **options) -> Source:
+    """Build the source ``name`` from the ``pack`` options (each adapter takes what it uses)."""
+    try:
+        factory = SOURCES[name]
+    except KeyError:
+        raise UserError(f"unknown --source {name!r}: choose one of {', '.join(SOURCES)}") from None
+    return factory(**options)

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny in-memory source and a packed dataset built from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpc_btunet.data.pack import PackConfig, pack
+from hpc_btunet.data.sample import Entry, Sample
+from hpc_btunet.data.splits import SplitConfig
+
+
+class ToySource:
+    """Deterministic blobs: image i is filled with value i % 256 where its mask is set.
+
+    ``fail_at`` makes ``load`` raise on that many-th call (to simulate a crash mid-pack);
+    ``loads`` counts calls. ``unlabelled`` keys have no mask.
+    """
+
+    kind = "toy"
+
+    def __init__(self, n=40, channels=1, group_size=1, unlabelled=(), fail_at=None):
+        self.n, self.channels, self.group_size = n, channels, group_size
+        self.unlabelled = set(unlabelled)
+        self.fail_at, self.loads = fail_at, 0
+
+    def describe(self):
+        return {"kind": self.kind, "n": self.n, "channels": self.channels, "group_size": self.group_size}
+
+    def entries(self):
+        return [
+            Entry(f"toy-{i:04d}", f"g{i // self.group_size:04d}", f"toy-{i:04d}" not in self.unlabelled)
+            for i in range(self.n)
+        ]
+
+    def validate(self, entries):
+        pass
+
+    def load(self, entry, image_size):
+        self.loads += 1
+        if self.fail_at is not None and self.loads >= self.fail_at:
+            raise RuntimeError("simulated crash")
+        i = int(entry.key.split("-")[1])
+        rng = np.random.default_rng(i)
+        mask = (rng.random((image_size, image_size)) > 0.5).astype(np.uint8)
+        image = (mask * (i % 256)).astype(np.uint8)
+        if self.channels == 3:
+            image = np.stack([image, 255 - image, image // 2], axis=-1)
+        return Sample(entry.key, image, None if not entry.has_mask else mask, entry.group)
+
+
+def toy_index(key: str) -> int:
+    return int(key.split("-")[1])
+
+
+@pytest.fixture
+def toy_pack(tmp_path):
+    """Pack a ToySource; returns ``(out_dir, manifest)``. Call with keyword overrides."""
+
+    def _pack(n=40, shard_size=1000, encoding="png", image_size=16, folds=5, name="ds", **source_kw):
+        out = tmp_path / name
+        cfg = PackConfig(
+            out=out, image_size=image_size, shard_size=shard_size, encoding=encoding, workers=2,
+            splits=SplitConfig(folds=folds),
+        )
+        return out, pack(ToySource(n=n, **source_kw), cfg, log=lambda _: None)
+
+    return _pack

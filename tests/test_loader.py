@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+from conftest import toy_index
+
+from hpc_btunet.data.loader import ShardStream, make_loader, plan_epoch, worker_slice
+from hpc_btunet.data.manifest import ShardInfo
+from hpc_btunet.errors import ShardError, UserError
+
+
+def fake_shards(counts):
+    return [
+        ShardInfo(f"train-{i:06d}.tar", "train", c, 0, "", [f"s{i}-{j}" for j in range(c)], [0] * c)
+        for i, c in enumerate(counts)
+    ]
+
+
+def keys_of(shards, refs):
+    return [shards[r.shard].keys[r.pos] for r in refs]
+
+
+@pytest.mark.parametrize("counts", [[10], [7, 7], [5, 3, 9], [1, 1, 1, 1, 20]])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_plan_gives_every_rank_the_same_count(counts, world_size, drop_last):
+    shards, batch = fake_shards(counts), 2
+    n = sum(counts)
+    plan = plan_epoch(shards, None, batch_size=batch, world_size=world_size, seed=0, epoch=3, drop_last=drop_last)
+    per_step = world_size * batch
+    steps = n // per_step if drop_last else -(-n // per_step)
+    assert [len(p) for p in plan] == [steps * batch] * world_size
+    flat = [k for p in plan for k in keys_of(shards, p)]
+    real = [k for p in plan for r, k in zip(p, keys_of(shards, p), strict=True) if not r.pad]
+    assert len(real) == len(set(real)), "no sample twice in an epoch, apart from padding"
+    if drop_last:
+        assert len(real) == len(flat) == steps * per_step
+    else:
+        assert sorted(real) == sorted(k for s in shards for k in s.keys), "every sample seen once"
+
+
+def test_plan_is_deterministic_per_seed_and_epoch_and_changes_across_epochs():
+    shards = fake_shards([6, 6, 6])
+    kw = dict(batch_size=2, world_size=2, seed=1)
+    a = plan_epoch(shards, None, epoch=0, **kw)
+    assert a == plan_epoch(shards, None, epoch=0, **kw)
+    assert a != plan_epoch(shards, None, epoch=1, **kw)
+    assert a != plan_epoch(shards, None, epoch=0, batch_size=2, world_size=2, seed=2)
+
+
+def test_plan_restricted_to_keys_and_errors():
+    shards = fake_shards([5, 5])
+    keys = {"s0-1", "s1-2", "s1-4", "s0-0"}
+    plan = plan_epoch(shards, keys, batch_size=2, world_size=2, seed=0, epoch=0)
+    assert sorted(k for p in plan for k in keys_of(shards, p)) == sorted(keys)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        plan_epoch(shards, keys, batch_size=4, world_size=2, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize("batches,workers", [(5, 2), (4, 4), (3, 4), (7, 3)])
+def test_worker_slices_cover_whole_batches(batches, workers):
+    refs = list(range(batches * 3))
+    parts = [worker_slice(refs, 3, w, workers) for w in range(workers)]
+    assert sum(parts, []) == refs
+    assert all(len(p) % 3 == 0 for p in parts)
+
+
+def test_stream_yields_decoded_batches(toy_pack):
+    out, m = toy_pack(n=60, shard_size=10)
+    stream = ShardStream(out, "train", batch_size=4, seed=0)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 42 // 4
+    for b in batches:
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 1, 16, 16)
+        assert b["mask"].dtype == torch.uint8 and b["mask"].shape == (4, 1, 16, 16)
+        assert set(b["mask"].unique().tolist()) <= {0, 1}
+        for key, image, mask in zip(b["key"], b["image"], b["mask"], strict=True):
+            assert (image[mask > 0] == toy_index(key) % 256).all()
+            assert (image[mask == 0] == 0).all()
+    assert not any(b["pad"].any() for b in batches)
+
+
+@pytest.mark.parametrize("encoding", ["png", "npy"])
+def test_rgb_and_npy(toy_pack, encoding):
+    out, m = toy_pack(n=40, channels=3, encoding=encoding)
+    b = next(iter(ShardStream(out, "test", batch_size=3)))
+    assert b["image"].shape == (3, 3, 16, 16)
+    key = toy_index(b["key"][0])
+    fg = b["mask"][0, 0] > 0
+    assert (b["image"][0, 1][fg] == 255 - key % 256).all()
+
+
+def test_fold_keys_and_unpadded_evaluation(toy_pack):
+    out, m = toy_pack(n=100)
+    train_keys, val_keys = m.fold_keys(2)
+    assert set(train_keys).isdisjoint(val_keys) and set(train_keys) | set(val_keys) == set(m.labelled)
+    seen = []
+    for rank in range(2):
+        for b in ShardStream(out, "train", keys=val_keys, batch_size=3, rank=rank, world_size=2,
+                             shuffle=False, drop_last=False):
+            seen += [k for k, p in zip(b["key"], b["pad"].tolist(), strict=True) if not p]
+    assert sorted(seen) == sorted(val_keys)
+    with pytest.raises(UserError, match="out of range"):
+        m.fold_keys(5)
+
+
+def test_workers_see_the_same_samples(toy_pack):
+    out, _ = toy_pack(n=60, shard_size=7)
+    def keys(workers):
+        loader = make_loader(out, "train", batch_size=4, num_workers=workers, seed=3)
+        loader.dataset.set_epoch(2)
+        return [k for b in loader for k in b["key"]], len(loader)
+    k0, n0 = keys(0)
+    k2, n2 = keys(2)
+    assert n0 == n2 == len(k0) // 4 and sorted(k0) == sorted(k2)
+    assert keys(2)[0] == k2, "same (seed, epoch) gives the same order"
+
+
+def test_unlabelled_samples_load_without_masks(toy_pack):
+    unl = {f"toy-{i:04d}" for i in range(0, 100, 4)}
+    out, m = toy_pack(n=100, unlabelled=unl)
+    batches = list(ShardStream(out, "train", batch_size=5))
+    assert "mask" not in batches[0]
+    assert sum(len(b["key"]) for b in batches) == 70
+    with pytest.raises(UserError, match="without masks"):
+        ShardStream(out, "train", batch_size=5, with_masks=True)
+    b = next(iter(ShardStream(out, "train", keys=m.labelled, batch_size=2)))
+    assert "mask" in b
+
+
+def test_truncated_shard_is_named(toy_pack):
+    out, m = toy_pack(n=60, shard_size=10)
+    path = out / m.shards[1].name
+    path.write_bytes(path.read_bytes()[:2500])
+    with pytest.raises(ShardError, match=m.shards[1].name):
+        ShardStream(out, "train", batch_size=2)
+
+
+def test_corrupt_shard_is_named_never_skipped(toy_pack):
+    out, m = toy_pack(n=60, shard_size=10)
+    shard = m.shards[0]
+    path = out / shard.name
+    data = bytearray(path.read_bytes())
+    start = shard.offsets[3]
+    data[start : start + 512] = b"\0" * 512  # wipe one member header: the tar stream ends early
+    path.write_bytes(bytes(data))
+    stream = ShardStream(out, "train", batch_size=2, shuffle=False)  # sizes still match
+    with pytest.raises(ShardError, match=shard.name):
+        list(stream)
+    with pytest.raises(ShardError, match="sha256"):
+        ShardStream(out, "train", batch_size=2, verify=True)
+
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(UserError, match="pack"):
+        ShardStream(tmp_path / "nothing", batch_size=2)
+
+
+def test_bad_keys_and_arguments(toy_pack):
+    out, _ = toy_pack()
+    with pytest.raises(UserError, match="not in the train split"):
+        ShardStream(out, "train", batch_size=2, keys=["nope"])
+    with pytest.raises(UserError, match="rank"):
+        ShardStream(out, "train", batch_size=2, rank=2, world_size=2)
+    with pytest.raises(UserError, match="unknown split"):
+        ShardStream(out, "val", batch_size=2)
+
+
+def test_shuffle_buffer_mixes_within_worker(toy_pack):
+    out, _ = toy_pack(n=60, shard_size=100)
+    ordered = [k for b in ShardStream(out, batch_size=2, shuffle=False) for k in b["key"]]
+    shuffled = [k for b in ShardStream(out, batch_size=2, shuffle_buffer=16) for k in b["key"]]
+    assert sorted(ordered) == sorted(shuffled) and ordered != shuffled
+    assert np.corrcoef([ordered.index(k) for k in shuffled], range(len(shuffled)))[0, 1] < 0.9

@@ -43,25 +43,58 @@ def _add_pack(sub) -> None:
     p.add_argument("--source", default="synthetic", help="synthetic (built-in nuclei) or folder")
     p.add_argument("--root", type=Path, help="--source folder: folder holding images/ and masks/")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
-    p.add_argument("--num-images", type=int, default=200, help="--source synthetic: how many images")
-    p.add_argument("--group-size", type=int, default=1, help="--source synthetic: images per slide (group)")
+    p.add_argument(
+        "--num-images", type=int, default=200, help="--source synthetic: how many images"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=1, help="--source synthetic: images per slide (group)"
+    )
     p.add_argument("--image-size", type=int, default=256, help="images are resized to SIZE x SIZE")
-    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
-                   help="1 (grayscale) or 3 (RGB); auto: 1 for synthetic, 3 for a folder with colour images")
-    p.add_argument("--unlabelled", action="store_true",
-                   help="--source folder: allow images without masks (they go to train, unlabelled)")
-    p.add_argument("--mask-suffix", default="", help="--source folder: mask stem = image stem + SUFFIX")
-    p.add_argument("--group-regex", help="--source folder: the first capture group of this regex on the "
-                   "file stem is the group (e.g. '^(.*)_slice\\d+$'); default: each image its own group")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="fraction of samples in the test split")
-    p.add_argument("--labelled-fraction", type=float, default=0.2,
-                   help="fraction of the train split that forms the labelled subset")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the labelled subset")
+    p.add_argument(
+        "--channels",
+        default="auto",
+        choices=["auto", "1", "3"],
+        help="1 (grayscale) or 3 (RGB); auto: 1 for synthetic, 3 for a folder with colour images",
+    )
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="--source folder: allow images without masks (they go to train, unlabelled)",
+    )
+    p.add_argument(
+        "--mask-suffix", default="", help="--source folder: mask stem = image stem + SUFFIX"
+    )
+    p.add_argument(
+        "--group-regex",
+        help="--source folder: the first capture group of this regex on the "
+        "file stem is the group (e.g. '^(.*)_slice\\d+$'); default: each image its own group",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.3, help="fraction of samples in the test split"
+    )
+    p.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of the train split that forms the labelled subset",
+    )
+    p.add_argument(
+        "--folds", type=int, default=5, help="cross-validation folds of the labelled subset"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, folds and shard order")
     p.add_argument("--shard-size", type=int, default=1000, help="about this many samples per shard")
-    p.add_argument("--encoding", default="png", choices=["png", "npy"],
-                   help="png: lossless, compact; npy: raw uint8 arrays, no decoding when loading")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads reading and encoding")
+    p.add_argument(
+        "--encoding",
+        default="png",
+        choices=["png", "npy"],
+        help="png: lossless, compact; npy: raw uint8 arrays, no decoding when loading",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="threads reading and encoding",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at --out")
     p.set_defaults(func=_run_pack)
 
@@ -96,18 +129,27 @@ def _run_pack(args) -> int:
     m = pack(source, cfg)
     c = m.counts
     size = sum(s.bytes for s in m.shards)
-    print(f"packed {c['total']} {m.image_size}x{m.image_size} images ({m.channels} channel(s), {m.encoding}) "
-          f"from {args.source} into {out} in {time.perf_counter() - start:.1f} s")
-    print(f"  train {c['train']} (labelled {c['labelled']}, unlabelled {c['unlabelled']}), test {c['test']}, "
-          f"folds {c['folds']}")
+    print(
+        f"packed {c['total']} {m.image_size}x{m.image_size} images ({m.channels} channel(s), {m.encoding}) "
+        f"from {args.source} into {out} in {time.perf_counter() - start:.1f} s"
+    )
+    print(
+        f"  train {c['train']} (labelled {c['labelled']}, unlabelled {c['unlabelled']}), test {c['test']}, "
+        f"folds {c['folds']}"
+    )
     print(f"  {len(m.shards)} shard(s), {_human_bytes(size)}; manifest: {out / 'manifest.json'}")
     return 0
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check every shard of a packed dataset against its manifest (sha256)",
-                       formatter_class=_Formatter)
-    p.add_argument("--data", type=Path, required=True, help="a packed dataset (folder with manifest.json)")
+    p = sub.add_parser(
+        "verify",
+        help="check every shard of a packed dataset against its manifest (sha256)",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--data", type=Path, required=True, help="a packed dataset (folder with manifest.json)"
+    )
     p.set_defaults(func=_run_verify)
 
 
@@ -116,7 +158,9 @@ def _run_verify(args) -> int:
 
     m = load_manifest(args.data)
     verify_shards(args.data, m.shards)
-    print(f"{args.data}: {len(m.shards)} shard(s), {m.counts['total']} samples, all match the manifest")
+    print(
+        f"{args.data}: {len(m.shards)} shard(s), {m.counts['total']} samples, all match the manifest"
+    )
     return 0
 
 

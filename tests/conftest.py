@@ -25,11 +25,20 @@ class ToySource:
         self.fail_at, self.loads = fail_at, 0
 
     def describe(self):
-        return {"kind": self.kind, "n": self.n, "channels": self.channels, "group_size": self.group_size}
+        return {
+            "kind": self.kind,
+            "n": self.n,
+            "channels": self.channels,
+            "group_size": self.group_size,
+        }
 
     def entries(self):
         return [
-            Entry(f"toy-{i:04d}", f"g{i // self.group_size:04d}", f"toy-{i:04d}" not in self.unlabelled)
+            Entry(
+                f"toy-{i:04d}",
+                f"g{i // self.group_size:04d}",
+                f"toy-{i:04d}" not in self.unlabelled,
+            )
             for i in range(self.n)
         ]
 
@@ -57,10 +66,16 @@ def toy_index(key: str) -> int:
 def toy_pack(tmp_path):
     """Pack a ToySource; returns ``(out_dir, manifest)``. Call with keyword overrides."""
 
-    def _pack(n=40, shard_size=1000, encoding="png", image_size=16, folds=5, name="ds", **source_kw):
+    def _pack(
+        n=40, shard_size=1000, encoding="png", image_size=16, folds=5, name="ds", **source_kw
+    ):
         out = tmp_path / name
         cfg = PackConfig(
-            out=out, image_size=image_size, shard_size=shard_size, encoding=encoding, workers=2,
+            out=out,
+            image_size=image_size,
+            shard_size=shard_size,
+            encoding=encoding,
+            workers=2,
             splits=SplitConfig(folds=folds),
         )
         return out, pack(ToySource(n=n, **source_kw), cfg, log=lambda _: None)

@@ -24,7 +24,10 @@ def _child(fn, rank, world_size, port, args, results):
 
     try:
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=60),
         )
         out = fn(rank, world_size, *args)
@@ -40,7 +43,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     outs: dict[int, object] = {}
@@ -49,8 +55,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             try:
                 rank, status, out = results.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - outs.keys())} did not finish "
-                                   f"within {timeout} s (hang?)") from None
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world_size)) - outs.keys())} did not finish "
+                    f"within {timeout} s (hang?)"
+                ) from None
             if status != "ok":
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
             outs[rank] = out

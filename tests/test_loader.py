@@ -25,7 +25,9 @@ def keys_of(shards, refs):
 def test_plan_gives_every_rank_the_same_count(counts, world_size, drop_last):
     shards, batch = fake_shards(counts), 2
     n = sum(counts)
-    plan = plan_epoch(shards, None, batch_size=batch, world_size=world_size, seed=0, epoch=3, drop_last=drop_last)
+    plan = plan_epoch(
+        shards, None, batch_size=batch, world_size=world_size, seed=0, epoch=3, drop_last=drop_last
+    )
     per_step = world_size * batch
     steps = n // per_step if drop_last else -(-n // per_step)
     assert [len(p) for p in plan] == [steps * batch] * world_size
@@ -92,11 +94,21 @@ def test_rgb_and_npy(toy_pack, encoding):
 def test_fold_keys_and_unpadded_evaluation(toy_pack):
     out, m = toy_pack(n=100)
     train_keys, val_keys = m.fold_keys(2)
-    assert set(train_keys).isdisjoint(val_keys) and set(train_keys) | set(val_keys) == set(m.labelled)
+    assert set(train_keys).isdisjoint(val_keys) and set(train_keys) | set(val_keys) == set(
+        m.labelled
+    )
     seen = []
     for rank in range(2):
-        for b in ShardStream(out, "train", keys=val_keys, batch_size=3, rank=rank, world_size=2,
-                             shuffle=False, drop_last=False):
+        for b in ShardStream(
+            out,
+            "train",
+            keys=val_keys,
+            batch_size=3,
+            rank=rank,
+            world_size=2,
+            shuffle=False,
+            drop_last=False,
+        ):
             seen += [k for k, p in zip(b["key"], b["pad"].tolist(), strict=True) if not p]
     assert sorted(seen) == sorted(val_keys)
     with pytest.raises(UserError, match="out of range"):
@@ -105,10 +117,12 @@ def test_fold_keys_and_unpadded_evaluation(toy_pack):
 
 def test_workers_see_the_same_samples(toy_pack):
     out, _ = toy_pack(n=60, shard_size=7)
+
     def keys(workers):
         loader = make_loader(out, "train", batch_size=4, num_workers=workers, seed=3)
         loader.dataset.set_epoch(2)
         return [k for b in loader for k in b["key"]], len(loader)
+
     k0, n0 = keys(0)
     k2, n2 = keys(2)
     assert n0 == n2 == len(k0) // 4 and sorted(k0) == sorted(k2)

@@ -9,8 +9,16 @@ from hpc_btunet.data.loader import make_loader
 
 
 def _epoch(rank, world_size, root, batch_size, num_workers, drop_last):
-    loader = make_loader(root, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_workers=num_workers, seed=11, drop_last=drop_last)
+    loader = make_loader(
+        root,
+        "train",
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=11,
+        drop_last=drop_last,
+    )
     loader.dataset.set_epoch(1)
     keys, pads, batches = [], [], 0
     for batch in loader:
@@ -33,7 +41,9 @@ def test_two_ranks_equal_batches_every_sample_once(toy_pack, num_shards, drop_la
     out, m = toy_pack(n=60, shard_size={1: 100, 2: 21, 3: 14}[num_shards])
     assert len(m.shards_of("train")) == num_shards
     batch_size = 4 if drop_last else 5
-    results = run_ranks(_epoch, 2, str(out), batch_size, 1 if num_shards == 2 else 0, drop_last, timeout=180)
+    results = run_ranks(
+        _epoch, 2, str(out), batch_size, 1 if num_shards == 2 else 0, drop_last, timeout=180
+    )
     (b0, len0, k0, p0), (b1, len1, k1, p1) = results
     assert b0 == b1 == len0 == len1
     real = [k for k, p in zip(k0 + k1, p0 + p1, strict=True) if not p]

@@ -20,7 +20,9 @@ def test_manifest_describes_shards_and_splits(toy_pack):
     assert (m.image_size, m.channels, m.encoding) == (16, 1, "png")
     assert m.counts["total"] == 60 and m.counts["train"] == 42 and m.counts["test"] == 18
     names = [s.name for s in m.shards]
-    assert names == [f"train-{i:06d}.tar" for i in range(5)] + [f"test-{i:06d}.tar" for i in range(2)]
+    assert names == [f"train-{i:06d}.tar" for i in range(5)] + [
+        f"test-{i:06d}.tar" for i in range(2)
+    ]
     for split in ("train", "test"):
         keys = [k for s in m.shards_of(split) for k in s.keys]
         assert sorted(keys) == m.splits[split]
@@ -35,9 +37,15 @@ def test_manifest_describes_shards_and_splits(toy_pack):
 def test_shards_open_with_tar_and_webdataset(toy_pack):
     out, m = toy_pack(n=40, shard_size=15)
     shard = m.shards[0]
-    listing = subprocess.run(["tar", "-tf", str(out / shard.name)], check=True, capture_output=True, text=True)
+    listing = subprocess.run(
+        ["tar", "-tf", str(out / shard.name)], check=True, capture_output=True, text=True
+    )
     names = listing.stdout.split()
-    assert names[:3] == [f"{shard.keys[0]}.image.png", f"{shard.keys[0]}.mask.png", f"{shard.keys[0]}.json"]
+    assert names[:3] == [
+        f"{shard.keys[0]}.image.png",
+        f"{shard.keys[0]}.mask.png",
+        f"{shard.keys[0]}.json",
+    ]
     assert len(names) == 3 * shard.count
     urls = [str(out / s.name) for s in m.shards_of("train")]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("l8")
@@ -108,7 +116,11 @@ def test_killed_pack_leaves_no_manifest_and_rerun_resumes(tmp_path):
 def test_journal_of_other_inputs_is_ignored(tmp_path):
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError):
-        pack(ToySource(n=40, fail_at=25), PackConfig(out=out, image_size=16, shard_size=8), log=lambda _: None)
+        pack(
+            ToySource(n=40, fail_at=25),
+            PackConfig(out=out, image_size=16, shard_size=8),
+            log=lambda _: None,
+        )
     source = ToySource(n=40)
     pack(source, PackConfig(out=out, image_size=24, shard_size=8), log=lambda _: None)
     assert source.loads == 40

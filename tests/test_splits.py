@@ -6,7 +6,9 @@ from hpc_btunet.errors import DataError, UserError
 
 
 def entries(n, group_size=1, unlabelled=()):
-    return [Entry(f"k{i:04d}", f"g{i // group_size}", f"k{i:04d}" not in unlabelled) for i in range(n)]
+    return [
+        Entry(f"k{i:04d}", f"g{i // group_size}", f"k{i:04d}" not in unlabelled) for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("n", [40, 37, 100, 671])
@@ -79,9 +81,7 @@ def test_too_few_labelled_groups_for_folds():
         make_splits(entries(12), SplitConfig(folds=5))
 
 
-@pytest.mark.parametrize(
-    "kw", [{"test_fraction": 1.0}, {"labelled_fraction": 0.0}, {"folds": 1}]
-)
+@pytest.mark.parametrize("kw", [{"test_fraction": 1.0}, {"labelled_fraction": 0.0}, {"folds": 1}])
 def test_bad_fractions(kw):
     with pytest.raises(UserError):
         SplitConfig(**kw)

@@ -178,6 +178,8 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
     out = Path(cfg.out)
     _check_out(out, cfg.overwrite)
     entries = source.entries()
+    for warning in getattr(source, "warnings", []):
+        log(f"warning: {warning}")
     _check_keys(entries)
     source.validate(entries)
     splits = make_splits(entries, cfg.splits)

@@ -164,6 +164,88 @@ def _run_verify(args) -> int:
     return 0
 
 
+def _add_jobs(sub) -> None:
+    from hpc_btunet.config import add_arguments
+    from hpc_btunet.launch import EXECUTORS
+    from hpc_btunet.pipeline import DemoConfig
+    from hpc_btunet.train.finetune import FinetuneConfig
+    from hpc_btunet.train.pretrain import PretrainConfig
+
+    jobs = (
+        (
+            "pretrain",
+            PretrainConfig,
+            "Barlow Twins pre-training of a model's encoder on the train split (no labels)",
+        ),
+        (
+            "finetune",
+            FinetuneConfig,
+            "fine-tune a whole model on one fold of the labelled subset, test on the test split",
+        ),
+    )
+    for name, cls, text in jobs:
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+        add_arguments(p, cls)
+        p.add_argument(
+            "--executor",
+            default="local",
+            choices=EXECUTORS,
+            help="local: a child process through submitit; debug: in this process",
+        )
+        p.set_defaults(func=_run_job, job=name, config_class=cls)
+
+    p = sub.add_parser(
+        "report",
+        help="the Table 2 layout (model x BT: Pr, DC, IoU) from fine-tuning results",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--experiment", type=Path, required=True, help="experiment folder (the jobs' --out)"
+    )
+    p.add_argument(
+        "--aggregate",
+        default="mean",
+        choices=["mean", "pooled"],
+        help="per fold: mean of per-image metrics, or pooled (micro) metrics",
+    )
+    p.set_defaults(func=_run_report)
+
+    text = "the whole method on this machine: pack the built-in dataset, pre-train, fine-tune every fold with and without BT, report"
+    p = sub.add_parser("demo", help=text, description=text, formatter_class=_Formatter)
+    add_arguments(p, DemoConfig)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_job(args) -> int:
+    from hpc_btunet.config import resolve
+    from hpc_btunet.launch import LaunchConfig, run_jobs
+    from hpc_btunet.train import finetune, pretrain
+
+    cfg = resolve(args.config_class, args)
+    fn = {"pretrain": pretrain.run, "finetune": finetune.run}[args.job]
+    launch = LaunchConfig(executor=args.executor, logs=Path(cfg.out) / "logs")
+    (path,) = run_jobs(launch, args.job, fn, [cfg], [cfg.model])
+    print(f"{args.job}: output in {Path(path).parent}")
+    return 0
+
+
+def _run_report(args) -> int:
+    from hpc_btunet.report import write_report
+
+    table, folder = write_report(args.experiment, args.aggregate)
+    print(table)
+    print(f"written: {folder / 'table.md'}, {folder / 'table.csv'}")
+    return 0
+
+
+def _run_demo(args) -> int:
+    from hpc_btunet.config import resolve
+    from hpc_btunet.pipeline import DemoConfig, demo
+
+    demo(resolve(DemoConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-btunet",
@@ -174,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_pack(sub)
     _add_verify(sub)
+    _add_jobs(sub)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Typed job configs: one dataclass per job, the command line and YAML files derived from it.
+
+Each field carries its help text in ``metadata["help"]``. ``add_arguments`` turns the fields into
+``--option`` flags (documented with their defaults); ``resolve`` builds the config from, in
+increasing precedence, the dataclass defaults, a YAML ``--config`` file and the flags actually
+given. Unknown keys in a file fail, listing the valid ones; wrong types fail naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from hpc_btunet.errors import UserError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (and optional ``choices``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of a field annotation like ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls``; defaults are shown in ``--help`` but parsed as None,
+    so that ``resolve`` can tell a flag given on the command line from a default."""
+    parser.add_argument(
+        "--config", type=Path, help="YAML file with any of the options below (flags win)"
+    )
+    for f, tp, _ in _fields(cls):
+        if f.name in skip:
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = str if tp is Path else tp
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), help=f"{help_text} (default: {default})", **kw)
+
+
+def _coerce(cls: type, name: str, value: Any, tp: type, optional: bool) -> Any:
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{name} must be set for {cls.__name__}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{name} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], origin: str = "config") -> T:
+    """Build ``cls`` from a mapping, failing on unknown keys (listing the valid ones) and types."""
+    fields = {f.name: (f, tp, opt) for f, tp, opt in _fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(
+            f"unknown key(s) in {origin}: {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        f, tp, opt = fields[name]
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise UserError(
+                f"{name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}"
+            )
+        kwargs[name] = _coerce(cls, name, value, tp, opt)
+    return cls(**kwargs)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """Defaults < ``--config`` file < flags given < ``overrides``."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values |= load_yaml(args.config)
+    names = {f.name for f, _, _ in _fields(cls)}
+    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values |= overrides
+    return from_dict(cls, values, origin=str(getattr(args, "config", None) or "options"))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON/YAML-ready dict of a config (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}

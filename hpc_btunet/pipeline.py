@@ -1,0 +1,153 @@
+"""The ``demo`` pipeline: pack the built-in dataset, pre-train, fine-tune every fold with and
+without Barlow Twins, and print the table, all on this machine through the local executor.
+
+The jobs are the cluster's jobs (``pretrain.run``, ``finetune.run``) run as local processes by
+submitit; only their sizes are small, so that the whole demo fits in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_btunet.config import option
+from hpc_btunet.data.manifest import MANIFEST_NAME, load_manifest
+from hpc_btunet.errors import UserError
+from hpc_btunet.launch import EXECUTORS, LaunchConfig, run_jobs
+from hpc_btunet.models import list_models
+from hpc_btunet.report import write_report
+from hpc_btunet.train import finetune, pretrain
+
+
+@dataclass
+class DemoConfig:
+    out: Path = option(Path("experiments/demo"), "experiment folder")
+    data: Path = option(
+        Path("shards/demo"), "where the built-in dataset is packed (reused if complete)"
+    )
+    models: str = option("unet", "comma-separated model names, or 'all'")
+    num_images: int = option(300, "synthetic images to pack")
+    image_size: int = option(64, "image size (divisible by 2^depth)")
+    folds: int = option(5, "cross-validation folds")
+    labelled_fraction: float = option(0.2, "labelled share of the train split")
+    pretrain_epochs: int = option(25, "pre-training epochs")
+    pretrain_batch_size: int = option(16, "pre-training batch size")
+    pretrain_lr: float = option(1e-3, "pre-training learning rate")
+    finetune_epochs: int = option(30, "most fine-tuning epochs (early stopping may end sooner)")
+    finetune_batch_size: int = option(8, "fine-tuning batch size")
+    patience: int = option(6, "early-stopping patience (epochs)")
+    executor: str = option("local", "local (processes) or debug (in-process)", choices=EXECUTORS)
+    parallel: int = option(2, "fine-tuning jobs running at once")
+    threads: int = option(1, "torch threads per job")
+    seed: int = option(0, "seed of data, weights and views")
+
+    def model_names(self) -> list[str]:
+        known = list_models()
+        names = (
+            known
+            if self.models == "all"
+            else [m.strip() for m in self.models.split(",") if m.strip()]
+        )
+        unknown = [m for m in names if m not in known]
+        if unknown or not names:
+            raise UserError(
+                f"unknown model(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(known)} or 'all'"
+            )
+        return names
+
+
+def _pack_demo_data(cfg: DemoConfig) -> None:
+    from hpc_btunet.data.pack import PackConfig, pack
+    from hpc_btunet.data.splits import SplitConfig
+    from hpc_btunet.data.synthetic import SyntheticSource
+
+    wanted = {"num_images": cfg.num_images, "seed": cfg.seed}
+    if (Path(cfg.data) / MANIFEST_NAME).exists():
+        m = load_manifest(cfg.data)
+        same = (
+            m.image_size == cfg.image_size
+            and m.source.get("kind") == "synthetic"
+            and all(m.source.get(k) == v for k, v in wanted.items())
+            and len(m.folds) == cfg.folds
+            and m.fractions["labelled"] == cfg.labelled_fraction
+        )
+        if same:
+            print(f"demo: reusing the packed dataset {cfg.data}")
+            return
+        raise UserError(
+            f"{cfg.data} holds a different dataset than this demo needs: remove it or pass --data"
+        )
+    splits = SplitConfig(labelled_fraction=cfg.labelled_fraction, folds=cfg.folds, seed=cfg.seed)
+    pack(
+        SyntheticSource(num_images=cfg.num_images, seed=cfg.seed),
+        PackConfig(out=cfg.data, image_size=cfg.image_size, splits=splits),
+    )
+    print(
+        f"demo: packed {cfg.num_images} synthetic images ({cfg.image_size}x{cfg.image_size}) into {cfg.data}"
+    )
+
+
+def demo(cfg: DemoConfig) -> str:
+    """Run the whole demo; returns the Markdown table."""
+    start = time.perf_counter()
+    models = cfg.model_names()
+    _pack_demo_data(cfg)
+    launch = LaunchConfig(
+        executor=cfg.executor,
+        logs=Path(cfg.out) / "logs",
+        parallel=cfg.parallel,
+        threads=cfg.threads,
+    )
+    pre_cfgs = [
+        pretrain.PretrainConfig(
+            data=cfg.data,
+            model=m,
+            out=cfg.out,
+            epochs=cfg.pretrain_epochs,
+            batch_size=cfg.pretrain_batch_size,
+            lr=cfg.pretrain_lr,
+            seed=cfg.seed,
+            device="cpu",
+            checkpoint_every=100,
+        )
+        for m in models
+    ]
+    # pre-training gets the whole machine: one job at a time, all threads
+    encoders = run_jobs(
+        dataclasses.replace(launch, parallel=1, threads=cfg.parallel * cfg.threads),
+        "pretrain",
+        pretrain.run,
+        pre_cfgs,
+        models,
+    )
+    print(f"demo: pre-training done after {time.perf_counter() - start:.0f} s")
+
+    fine_cfgs, labels = [], []
+    for model, encoder in zip(models, encoders, strict=True):
+        for pretrained in (encoder, None):
+            for fold in range(cfg.folds):
+                fine_cfgs.append(
+                    finetune.FinetuneConfig(
+                        data=cfg.data,
+                        model=model,
+                        out=cfg.out,
+                        fold=fold,
+                        pretrained=pretrained,
+                        epochs=cfg.finetune_epochs,
+                        batch_size=cfg.finetune_batch_size,
+                        patience=cfg.patience,
+                        seed=cfg.seed,
+                        device="cpu",
+                    )
+                )
+                labels.append(f"{model}/{'bt' if pretrained else 'scratch'}/fold-{fold}")
+    run_jobs(launch, "finetune", finetune.run, fine_cfgs, labels)
+    table, folder = write_report(cfg.out)
+    wall = time.perf_counter() - start
+    print(
+        f"\n{table}\nTest split of {cfg.data}; per-image means, mean ± std over {cfg.folds} folds. "
+        f"Report: {folder}/table.md, table.csv\ndemo: finished in {wall:.0f} s ({wall / 60:.1f} min)"
+    )
+    return table

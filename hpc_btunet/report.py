@@ -1,0 +1,103 @@
+"""Tables from fine-tuning results: the layout of Table 2 of the BT-Unet paper.
+
+Reads ``<experiment>/finetune/<model>/<bt|scratch>/fold-<k>/metrics.json`` and gives, per model and
+with/without Barlow Twins, precision, Dice and IoU on the test split as mean +- standard deviation
+over folds (sample std, ddof=1). Each fold contributes its per-image mean by default (``pooled``
+is the other choice); the empty-mask rule is the one stated in each metrics file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hpc_btunet.atomic import atomic_open
+from hpc_btunet.errors import UserError
+
+DISPLAY_NAMES = {
+    "unet": "U-Net",
+    "attention_unet": "A-Unet",
+    "inception_unet": "I-Unet",
+    "rca_iunet": "RCA-IUnet",
+    "unet_plus_plus": "UNet++",
+}
+COLUMNS = (("precision", "Pr"), ("dice", "DC"), ("iou", "IoU"))
+
+
+def collect(experiment: Path) -> list[dict]:
+    files = sorted(Path(experiment).glob("finetune/*/*/fold-*/metrics.json"))
+    if not files:
+        raise UserError(
+            f"no fine-tuning results under {experiment}/finetune/: run `hpc-btunet finetune` (or `demo`) first"
+        )
+    return [json.loads(f.read_text()) for f in files]
+
+
+def summarise(results: list[dict], aggregate: str = "mean") -> list[dict]:
+    """One row per (model, variant): fold count and mean/std of each metric over folds."""
+    if aggregate not in ("mean", "pooled"):
+        raise UserError(f"aggregate must be 'mean' or 'pooled', got {aggregate!r}")
+    order = list(DISPLAY_NAMES)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["variant"]), []).append(r)
+    rows = []
+    for (model, variant), rs in sorted(
+        groups.items(),
+        key=lambda kv: (
+            order.index(kv[0][0]) if kv[0][0] in order else 99,
+            kv[0][0],
+            kv[0][1] != "scratch",
+        ),
+    ):
+        row = {"model": model, "bt": "Y" if variant == "bt" else "N", "folds": len(rs)}
+        for metric, _ in COLUMNS:
+            values = np.array([r["test"][aggregate][metric] for r in rs])
+            row[metric] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| Model | BT | folds | " + " | ".join(short for _, short in COLUMNS) + " |",
+        "| --- | :-: | :-: | " + " | ".join("---:" for _ in COLUMNS) + " |",
+    ]
+    for r in rows:
+        cells = [f"{r[m]:.3f} ± {r[m + '_std']:.3f}" for m, _ in COLUMNS]
+        lines.append(
+            f"| {DISPLAY_NAMES.get(r['model'], r['model'])} | {r['bt']} | {r['folds']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["model", "bt", "folds"] + [f"{m}{s}" for m, _ in COLUMNS for s in ("", "_std")]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_report(experiment: Path, aggregate: str = "mean") -> tuple[str, Path]:
+    """Write ``<experiment>/report/table.md`` and ``table.csv``; returns the Markdown and the folder."""
+    rows = summarise(collect(experiment), aggregate)
+    folder = Path(experiment) / "report"
+    text = markdown(rows)
+    note = (
+        f"\nTest split; each fold contributes its {'per-image mean' if aggregate == 'mean' else 'pooled (micro) value'}; "
+        "mean ± sample std over folds.\n"
+    )
+    with atomic_open(folder / "table.md", "w") as f:
+        f.write(text + note)
+    with atomic_open(folder / "table.csv", "w") as f:
+        f.write(to_csv(rows))
+    return text, folder

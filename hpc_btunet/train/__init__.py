@@ -1,0 +1,1 @@
+"""Jobs (pre-training, fine-tuning), their engine, checkpoints, losses and metrics."""

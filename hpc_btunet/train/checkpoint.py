@@ -1,0 +1,82 @@
+"""Checkpoints and weight files: written atomically, read with ``torch.load(weights_only=True)``.
+
+A job's checkpoints live in ``<run>/checkpoints/step-NNNNNNNN.pt``; the newest complete one is the
+one with the highest step (temporary files never match the pattern). Older ones are pruned,
+keeping ``keep`` of them, so a crash while writing the newest still leaves a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_btunet.atomic import atomic_open, write_json
+from hpc_btunet.errors import UserError
+
+_STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as ``folder/step-<step>.pt`` atomically; prune all but the ``keep`` newest."""
+    path = Path(folder) / f"step-{step:08d}.pt"
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_file(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with one clear message for each failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{what} {path} holds objects that a safe load refuses (weights_only=True): save a plain "
+            f"state dict of tensors instead ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(
+            f"{what} {path} is not a readable torch file ({e}): check or recreate it"
+        ) from e
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], signature: dict) -> None:
+    """Write a bare state dict (``path``) and, beside it, the model it belongs to (``.json``)."""
+    path = Path(path)
+    write_json(path.with_suffix(".json"), signature)
+    with atomic_open(path, "wb") as f:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f)
+
+
+def load_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The state dict of ``path`` and the model signature stored beside it (None if absent)."""
+    state = load_file(path, what)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(
+            f"{what} {path} is not a state dict of tensors: pass an encoder.pt written by pretrain"
+        )
+    sidecar = Path(path).with_suffix(".json")
+    signature = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    return state, signature

@@ -1,0 +1,237 @@
+"""The ``pretrain`` job: Barlow Twins pre-training of a model's encoder on the train split, no labels.
+
+``run(cfg)`` reads top to bottom: data, model, wrap for DDP, resume from the last checkpoint,
+train, write ``encoder.pt``. It runs the same in-process, as local processes or as a SLURM job;
+its output folder ``<out>/pretrain/<model>/`` is its identity (complete: skipped; checkpointed:
+resumed). The loss uses global-batch statistics, so W ranks with per-rank batch B train exactly
+like one process with batch W*B.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpc_btunet.config import option, to_dict
+from hpc_btunet.data import load_manifest, make_loader
+from hpc_btunet.errors import UserError
+from hpc_btunet.models import build_model, check_input_size, model_signature
+from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
+from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, save_checkpoint, save_weights
+from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
+from hpc_btunet.train.run import RunDir
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class PretrainConfig:
+    data: Path | None = option(None, "packed dataset (folder with manifest.json)")
+    model: str = option("unet", "model whose encoder is pre-trained")
+    out: Path = option(
+        Path("experiments/default"), "experiment folder; this job writes <out>/pretrain/<model>/"
+    )
+    epochs: int | None = option(20, "epochs over the train split (ignored when --steps is set)")
+    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)")
+    batch_size: int = option(32, "images per rank and step; the global batch is this x world size")
+    lr: float = option(1e-3, "learning rate (LARS: per 256 images of global batch)")
+    optimizer: str = option("adam", "optimiser", choices=OPTIMIZERS)
+    weight_decay: float = option(0.0, "weight decay")
+    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay")
+    lambd: float = option(
+        5e-3, "Barlow Twins off-diagonal weight (see docs: the paper's text says 0.2)"
+    )
+    projector_width: int | None = option(
+        None, "projector width (default: image size / 2, as in the paper)"
+    )
+    projector_layers: int = option(3, "projector linear layers")
+    base_width: int = option(16, "channels of the model's first stage")
+    depth: int = option(4, "encoder stages (downsamplings)")
+    crop_scale: float = option(0.5, "views: smallest crop area, as a fraction of the image")
+    rotation: float = option(90.0, "views: rotations are drawn from [-ROTATION, ROTATION] degrees")
+    checkpoint_every: int = option(50, "steps between checkpoints (and one at the end)")
+    log_every: int = option(10, "steps between log lines")
+    num_workers: int = option(0, "DataLoader worker processes per rank")
+    seed: int = option(0, "seed of the weights, data order and views")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    verify: bool = option(False, "check every shard's sha256 before training")
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise UserError("--data is required: a packed dataset (see `hpc-btunet pack`)")
+        for name in ("batch_size", "checkpoint_every", "log_every", "projector_layers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is None and (self.epochs is None or self.epochs < 1):
+            raise UserError("set --epochs (at least 1) or --steps")
+        if self.steps is not None and self.steps < 1:
+            raise UserError("--steps must be at least 1")
+        if self.lr <= 0:
+            raise UserError("--lr must be positive")
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / "pretrain" / self.model
+
+
+class SiameseNet(nn.Module):
+    """Encoder + projector: an image batch to embeddings (one DDP module for both)."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x)[-1])
+
+
+def run(cfg: PretrainConfig) -> Path:
+    """Pre-train; returns the path of ``encoder.pt``."""
+    rundir = RunDir(cfg.run_dir())
+    encoder_file = rundir.path / "encoder.pt"
+    if encoder_file.exists():
+        print(f"pretrain: {encoder_file} exists, nothing to do")
+        return encoder_file
+    engine = Engine.setup(cfg.device)
+    rundir.is_main = engine.is_main
+    manifest = load_manifest(cfg.data)
+
+    model_options = {"base_width": cfg.base_width, "depth": cfg.depth}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, in_channels=manifest.channels, **model_options)
+    check_input_size(model, manifest.image_size)
+    projector = Projector(
+        model.encoder.out_channels,
+        hidden_dim=cfg.projector_width or manifest.image_size // 2,
+        num_layers=cfg.projector_layers,
+    )
+    net = engine.wrap(SiameseNet(model.encoder, projector))
+
+    loader = make_loader(
+        cfg.data,
+        "train",
+        batch_size=cfg.batch_size,
+        rank=engine.rank,
+        world_size=engine.world_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        with_masks=False,
+        verify=cfg.verify,
+        manifest=manifest,
+        pin_memory=engine.device.type == "cuda",
+    )
+    per_epoch = len(loader)
+    total = cfg.steps or cfg.epochs * per_epoch
+    global_batch = cfg.batch_size * engine.world_size
+    optimizer = build_optimizer(cfg.optimizer, net, cfg.lr, cfg.weight_decay, global_batch)
+    scheduler = warmup_cosine(optimizer, total, cfg.warmup_steps)
+    loss_fn = BarlowTwinsLoss(lambd=cfg.lambd)
+    make_views = TwoViews(
+        ViewConfig(crop_scale=(cfg.crop_scale, 1.0), rotation_degrees=cfg.rotation)
+    )
+
+    step = 0
+    last = latest_checkpoint(rundir.checkpoints)
+    if last is not None:
+        state = load_file(last, "checkpoint")
+        Engine.unwrap(net).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        rundir.truncate_log(step)
+        if engine.is_main:
+            print(f"pretrain: resuming from {last} (step {step} of {total})")
+    else:
+        rundir.write_config(
+            to_dict(cfg) | {"global_batch": global_batch, "total_steps": total}, cfg.data
+        )
+    if engine.is_main:
+        print(
+            f"pretrain: {cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "
+            f"batch {cfg.batch_size} = global batch {global_batch}, {per_epoch} steps/epoch, {total} steps, "
+            f"device {engine.device}"
+        )
+
+    def checkpoint() -> Path | None:
+        if not engine.is_main:
+            return None
+        return save_checkpoint(
+            rundir.checkpoints,
+            step,
+            {
+                "model": Engine.unwrap(net).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "epoch": step // per_epoch,
+                "config": to_dict(cfg),
+            },
+        )
+
+    net.train()
+    tick, images = time.perf_counter(), 0
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        loader.dataset.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if (
+                i < skip
+            ):  # resuming mid-epoch: the epoch's order is deterministic, skip what was done
+                continue
+            x = batch["image"].to(engine.device, non_blocking=True)
+            view_a, view_b = make_views(x, seed=cfg.seed, step=step, rank=engine.rank)
+            z_a, z_b = net(view_a), net(view_b)
+            loss = loss_fn(z_a, z_b)
+            if not engine.all_finite(loss.detach()):
+                good = latest_checkpoint(rundir.checkpoints)
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at step {step}: training stopped; the last good "
+                    f"checkpoint is {good or 'none (no checkpoint was written yet)'}; lower --lr or "
+                    "check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            images += global_batch
+            if step % cfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - tick
+                stats = cross_correlation_stats(
+                    z_a.detach(), z_b.detach(), gather=engine.world_size > 1
+                )
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": images / elapsed,
+                    **stats,
+                }
+                rundir.log(record)
+                if engine.is_main:
+                    print(
+                        f"pretrain: step {step}/{total} loss {record['loss']:.4g} "
+                        f"on-diag {stats['on_diag_mean']:.3f} off-diag rms {stats['off_diag_rms']:.3f} "
+                        f"{record['images_per_s']:.1f} img/s"
+                    )
+                tick, images = time.perf_counter(), 0
+            if step % cfg.checkpoint_every == 0 or step == total:
+                checkpoint()
+            if step >= total:
+                break
+
+    if engine.is_main:
+        signature = model_signature(cfg.model, in_channels=manifest.channels, **model_options)
+        save_weights(encoder_file, Engine.unwrap(net).encoder.state_dict(), signature)
+        print(f"pretrain: wrote {encoder_file}")
+    engine.barrier()
+    return encoder_file

@@ -1,0 +1,55 @@
+"""One option vocabulary for every job: flags, YAML files, defaults in --help, strict keys."""
+
+import pytest
+
+from hpc_btunet.errors import UserError
+from hpc_btunet.submit import build_parser, main
+
+
+def parse(*argv):
+    from hpc_btunet.config import resolve
+
+    args = build_parser().parse_args(list(argv))
+    return resolve(args.config_class, args)
+
+
+def test_flags_override_file_override_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: shards/x\nbatch-size: 64\nlr: 0.01\nout: exp\n")
+    cfg = parse("pretrain", "--config", str(f), "--lr", "0.5")
+    assert cfg.batch_size == 64 and cfg.lr == 0.5 and str(cfg.out) == "exp" and cfg.epochs == 20
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\nbatchsize: 3\n")
+    with pytest.raises(UserError, match="unknown key.*batchsize.*valid keys:.*batch_size"):
+        parse("pretrain", "--config", str(f))
+
+
+def test_wrong_type_and_choice(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\nepochs: many\n")
+    with pytest.raises(UserError, match="epochs must be of type int"):
+        parse("pretrain", "--config", str(f))
+    f.write_text("data: d\noptimizer: sgd\n")
+    with pytest.raises(UserError, match="optimizer must be one of adam, lars"):
+        parse("pretrain", "--config", str(f))
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "demo"])
+def test_help_documents_shared_vocabulary_with_defaults(job, capsys):
+    with pytest.raises(SystemExit):
+        main([job, "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--seed", "--config"):
+        assert flag in text
+    if job != "demo":
+        for flag in ("--data", "--model", "--epochs", "--batch-size", "--lr"):
+            assert flag in text
+    assert "(default: " in text
+
+
+def test_missing_data_is_one_clear_error(capsys):
+    assert main(["pretrain", "--executor", "debug"]) == 2
+    assert "--data is required" in capsys.readouterr().err

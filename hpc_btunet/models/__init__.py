@@ -1,0 +1,36 @@
+"""Segmentation models: shared blocks, the registry, and encoder weight transfer.
+
+``build_model(name, in_channels, out_channels, **options)`` builds any registered model; every
+model has ``encoder`` (returning one feature per ``encoder.stages`` entry, bottleneck last, with
+``encoder.out_channels`` channels), ``decoder``, ``head`` and ``size_divisor``.
+"""
+
+from hpc_btunet.models.blocks import StageInfo
+from hpc_btunet.models.registry import (
+    build_model,
+    check_input_size,
+    describe,
+    encoder_state,
+    list_models,
+    load_encoder_state,
+    model_options,
+    model_signature,
+    register_model,
+    required_divisor,
+)
+from hpc_btunet.models.unet import UNet  # importing it registers the U-Net models
+
+__all__ = [
+    "StageInfo",
+    "UNet",
+    "build_model",
+    "check_input_size",
+    "describe",
+    "encoder_state",
+    "list_models",
+    "load_encoder_state",
+    "model_options",
+    "model_signature",
+    "register_model",
+    "required_divisor",
+]

@@ -1,0 +1,184 @@
+"""GlobalBatchNorm on W ranks equals one nn.BatchNorm on the concatenated batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiproc import run_ranks
+from torch import nn
+
+from hpc_btunet.distributed import all_reduce_sum, is_distributed, rank, world_size
+from hpc_btunet.global_batchnorm import GlobalBatchNorm, convert_global_batchnorm
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+# name -> (global input shape, per-rank batch sizes, momentum); 2 ranks
+CASES = {
+    "2d": ((10, 3, 4, 4), (5, 5), 0.1),
+    "2d-unequal-batches": ((10, 3, 4, 4), (3, 7), None),
+    "1d": ((12, 6), (6, 6), 0.3),
+    "1d-with-length": ((8, 4, 5), (4, 4), 0.1),
+}
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    shape, _, _ = CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    c = shape[1]
+    return {
+        # a large offset: the variance must not come from E[x^2] - E[x]^2
+        "x": torch.randn(shape, generator=g, dtype=torch.float32) * 3 + 50,
+        "x2": torch.randn(shape, generator=g) * 2 - 1,
+        "upstream": torch.randn(shape, generator=g),
+        "weight": torch.rand(c, generator=g) + 0.5,
+        "bias": torch.randn(c, generator=g),
+    }
+
+
+def _bn(cls, name: str, inputs: dict) -> nn.Module:
+    _, _, momentum = CASES[name]
+    bn = cls(inputs["x"].shape[1], momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(inputs["weight"])
+        bn.bias.copy_(inputs["bias"])
+    return bn
+
+
+def _run(bn: nn.Module, x: torch.Tensor, x2: torch.Tensor, upstream: torch.Tensor) -> dict:
+    """Train-mode forward + backward, a second forward (running stats), then eval forward."""
+    x = x.clone().requires_grad_()
+    y = bn(x)
+    (y * upstream).sum().backward()
+    with torch.no_grad():
+        bn(x2)
+    bn.eval()
+    with torch.no_grad():
+        y_eval = bn(x)
+    return {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "weight_grad": bn.weight.grad,
+        "bias_grad": bn.bias.grad,
+        "running_mean": bn.running_mean.clone(),
+        "running_var": bn.running_var.clone(),
+        "num_batches_tracked": int(bn.num_batches_tracked),
+        "y_eval": y_eval,
+    }
+
+
+def _reference(name: str) -> dict:
+    inputs = _inputs(name)
+    bn = _bn(nn.BatchNorm2d if len(inputs["x"].shape) == 4 else nn.BatchNorm1d, name, inputs)
+    return _run(bn, inputs["x"], inputs["x2"], inputs["upstream"])
+
+
+def _rank_fn(rank_: int, world: int) -> dict:
+    assert is_distributed() and rank() == rank_ and world_size() == world
+    torch.set_num_threads(1)  # W processes share a few cores
+    out = {}
+    for name, (_, sizes, _) in CASES.items():
+        inputs = _inputs(name)
+        start = sum(sizes[:rank_])
+        local = {k: v[start : start + sizes[rank_]] for k, v in inputs.items() if k != "weight"}
+        bn = _bn(GlobalBatchNorm, name, inputs)
+        got = _run(bn, local["x"], local["x2"], local["upstream"])
+        # tensors cross the process boundary as numpy arrays (torch would share memory with a
+        # process that is about to exit)
+        out[name] = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in got.items()}
+    # the collective itself: value and gradient (backward sums over ranks)
+    x = torch.tensor([float(rank_ + 1)], requires_grad=True)
+    y = all_reduce_sum(3 * x)
+    y.backward()
+    out["all_reduce"] = (y.item(), x.grad.item())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(_rank_fn, 2, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_batchnorm_on_the_global_batch(two_ranks, name):
+    ref = _reference(name)
+    sizes = CASES[name][1]
+    bounds = [(sum(sizes[:r]), sum(sizes[: r + 1])) for r in range(2)]
+    for r, (lo, hi) in enumerate(bounds):
+        got = {k: torch.as_tensor(v) for k, v in two_ranks[r][name].items()}
+        torch.testing.assert_close(got["y"], ref["y"][lo:hi], **TOL)
+        torch.testing.assert_close(got["x_grad"], ref["x_grad"][lo:hi], **TOL)
+        torch.testing.assert_close(got["y_eval"], ref["y_eval"][lo:hi], **TOL)
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(got[key], ref[key], **TOL)
+        assert int(got["num_batches_tracked"]) == ref["num_batches_tracked"] == 2
+    # no DDP here: the objective is the sum of the per-rank losses, so parameter gradients add up
+    for key in ("weight_grad", "bias_grad"):
+        total = sum(torch.as_tensor(two_ranks[r][name][key]) for r in range(2))
+        torch.testing.assert_close(total, ref[key], **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_all_reduce_sum_value_and_gradient(two_ranks):
+    # y = 3 * (1 + 2) on both ranks; dy/dx summed over the 2 ranks' (identical) losses = 2 * 3
+    assert [r["all_reduce"] for r in two_ranks] == [(9.0, 6.0), (9.0, 6.0)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_not_distributed_is_exactly_batchnorm(name):
+    inputs = _inputs(name)
+    ref = _reference(name)
+    got = _run(_bn(GlobalBatchNorm, name, inputs), inputs["x"], inputs["x2"], inputs["upstream"])
+    for key, value in ref.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8, momentum=None)),
+        nn.BatchNorm1d(8, affine=False),
+    )
+    net(torch.randn(6, 1, 6, 6))  # non-trivial running statistics
+    return net
+
+
+def test_convert_keeps_state_dict_and_parameters():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = list(net.parameters())
+    net.eval()
+    converted = convert_global_batchnorm(net)
+    assert converted is net
+    kinds = [type(m) for m in converted.modules()]
+    assert kinds.count(GlobalBatchNorm) == 3
+    assert not any(t in kinds for t in (nn.BatchNorm1d, nn.BatchNorm2d))
+    after = converted.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))
+    assert not any(m.training for m in converted.modules())
+    assert converted[2][2].momentum is None and not converted[3].affine
+
+    # and the state dict loads into the plain model again
+    plain = _net()
+    plain.load_state_dict(converted.state_dict())
+
+
+def test_convert_a_bare_batchnorm_returns_the_new_layer():
+    bn = nn.BatchNorm2d(3, eps=1e-3)
+    out = convert_global_batchnorm(bn)
+    assert isinstance(out, GlobalBatchNorm) and out.eps == 1e-3 and out.weight is bn.weight
+
+
+def test_rejects_inputs_without_a_channel_dim():
+    with pytest.raises(ValueError, match=r"\(N, C, \*\)"):
+        GlobalBatchNorm(3)(torch.randn(3))

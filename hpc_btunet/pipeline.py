@@ -32,7 +32,7 @@ class DemoConfig:
     image_size: int = option(64, "image size (divisible by 2^depth)")
     folds: int = option(5, "cross-validation folds")
     labelled_fraction: float = option(0.2, "labelled share of the train split")
-    pretrain_epochs: int = option(25, "pre-training epochs")
+    pretrain_epochs: int = option(40, "pre-training epochs")
     pretrain_batch_size: int = option(16, "pre-training batch size")
     pretrain_lr: float = option(1e-3, "pre-training learning rate")
     finetune_epochs: int = option(30, "most fine-tuning epochs (early stopping may end sooner)")

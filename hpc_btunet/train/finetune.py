@@ -100,6 +100,16 @@ def build_initial_model(cfg: FinetuneConfig, manifest: Manifest) -> nn.Module:
     return model
 
 
+def supervised_loss(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The training loss; with deep supervision (UNet++), the mean of the loss of every head."""
+    if getattr(model, "deep_supervision", False):
+        heads = model.forward_heads(x)
+        return sum(loss_fn(logits, y) for logits in heads) / len(heads)
+    return loss_fn(model(x), y)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, loss_fn: nn.Module, device: torch.device
@@ -192,7 +202,7 @@ def run(cfg: FinetuneConfig) -> Path:
         total, count = 0.0, 0
         for batch in train_loader:
             x = batch["image"].to(engine.device).float() / 255
-            loss = loss_fn(model(x), batch["mask"].to(engine.device))
+            loss = supervised_loss(model, loss_fn, x, batch["mask"].to(engine.device))
             if not torch.isfinite(loss):
                 raise UserError(f"the loss became {loss.item()} in epoch {epoch}: lower --lr")
             optimizer.zero_grad(set_to_none=True)

@@ -45,20 +45,31 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), with_config: bool = True
+) -> None:
     """Add one flag per field of ``cls``; defaults are shown in ``--help`` but parsed as None,
     so that ``resolve`` can tell a flag given on the command line from a default."""
-    parser.add_argument(
-        "--config", type=Path, help="YAML file with any of the options below (flags win)"
-    )
+    if with_config:
+        parser.add_argument(
+            "--config", type=Path, help="YAML file with any of the options below (flags win)"
+        )
     for f, tp, _ in _fields(cls):
         if f.name in skip:
             continue
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()
+            if f.default_factory is not dataclasses.MISSING
+            else None
+        )
         kw: dict[str, Any] = {"dest": f.name, "default": None}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kw.update(action="append", type=str, metavar="VALUE")
         else:
             kw["type"] = str if tp is Path else tp
             if "choices" in f.metadata:
@@ -75,6 +86,10 @@ def _coerce(cls: type, name: str, value: Any, tp: type, optional: bool) -> Any:
         return float(value)
     if tp is Path and isinstance(value, str):
         return Path(value)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise UserError(f"{name} must be a list, got {value!r}")
+        return [str(v) for v in value]
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise UserError(f"{name} must be of type {tp.__name__}, got {value!r}")
     return value
@@ -111,12 +126,16 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
-    """Defaults < ``--config`` file < flags given < ``overrides``."""
+def resolve(
+    cls: type[T], args: argparse.Namespace, others: tuple[type, ...] = (), **overrides: Any
+) -> T:
+    """Defaults < ``--config`` file < flags given < ``overrides``. Keys of the file that belong to
+    the ``others`` configs (parsed from the same file) are left to them."""
+    names = {f.name for f, _, _ in _fields(cls)}
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        values |= load_yaml(args.config)
-    names = {f.name for f, _, _ in _fields(cls)}
+        theirs = {f.name for other in others for f, _, _ in _fields(other)}
+        values |= {k: v for k, v in load_yaml(args.config).items() if k in names or k not in theirs}
     values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
     values |= overrides
     return from_dict(cls, values, origin=str(getattr(args, "config", None) or "options"))

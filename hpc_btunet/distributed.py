@@ -13,17 +13,136 @@ shares into the exact gradient of the global loss. This is the convention of
 in favour of private ``_functional_collectives``; the two autograd functions here are built on the
 stable list-based ``dist.all_gather`` and ``dist.all_reduce`` instead.
 
-Process-group setup (SLURM, submitit, torchrun, single process) belongs in this module as well; it
-is added with the engine.
+Process-group setup: :func:`init_process_group` reads where this process stands from, in order,
+torchrun's variables (``RANK``, ``WORLD_SIZE``, ...), a submitit job (SLURM or local processes),
+or plain ``srun`` variables, and otherwise runs as a single process. It exports ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (what
+DeepSpeed's ``init_distributed`` reads), picks NCCL on GPU and gloo on CPU, and sets a timeout
+so that a lost rank ends the job with an error instead of a hang.
 """
 
 from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_cat", "all_reduce_sum", "is_distributed", "rank", "world_size"]
+__all__ = [
+    "Placement",
+    "all_gather_cat",
+    "all_reduce_sum",
+    "detect_placement",
+    "init_process_group",
+    "is_distributed",
+    "rank",
+    "teardown",
+    "world_size",
+]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process stands in its job, and who told us (``launcher``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    def export(self) -> None:
+        """Set the variables torch's ``env://`` rendezvous and DeepSpeed read."""
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def _port_for(job_id: str) -> int:
+    """A port every task of a job derives alike from the job id (as submitit does)."""
+    return random.Random(job_id).randint(20000, 60000)
+
+
+def detect_placement() -> Placement:
+    """Read this process's rank and rendezvous from its environment (see the module docstring)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Placement(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
+    if env.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
+        import submitit
+
+        job = submitit.JobEnvironment()
+        tasks_per_node = job.num_tasks // max(job.num_nodes, 1)
+        return Placement(
+            job.global_rank,
+            job.num_tasks,
+            job.local_rank,
+            tasks_per_node,
+            job.hostnames[0],
+            int(env.get("MASTER_PORT", _port_for(str(job.job_id)))),
+            f"submitit-{env['SUBMITIT_EXECUTOR']}",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return Placement(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            nodes[0],
+            _port_for(env["SLURM_JOB_ID"]),
+            "srun",
+        )
+    return Placement()
+
+
+def init_process_group(use_cuda: bool, timeout_s: float = 600.0) -> Placement:
+    """Join this job's process group (if it has more than one process) and return the placement.
+
+    Idempotent: a process group already initialised is kept.
+    """
+    placement = detect_placement()
+    placement.export()
+    if placement.world_size > 1 and not is_distributed():
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method="env://",
+            rank=placement.rank,
+            world_size=placement.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return placement
+
+
+def teardown() -> None:
+    """Leave the process group cleanly (safe to call when none is initialised)."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

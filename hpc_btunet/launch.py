@@ -1,55 +1,288 @@
-"""Run job functions through submitit: as local processes (``local``) or in-process (``debug``).
+"""Run job functions through submitit: on SLURM, as local processes, or in-process.
 
 A job is a plain function of a config (``pretrain.run(cfg)``); the executor decides where it runs,
-so the demo on a laptop and a cluster run share the job code. The SLURM executor, resource
-flags, cluster profiles, arrays and dependencies plug in here.
+so the demo on a laptop and a cluster run share the job code. This module knows resources,
+cluster profiles, arrays and dependencies; it never sees a tensor.
+
+Resources resolve as: built-in defaults < the cluster profile (``slurm/profiles/<name>.yaml``) <
+flags. Every request is checked before anything is submitted (SLURM present, partition known,
+account allowed, time string valid, nodes and GPUs within the profile's limits, the dependency's
+job id known), each with one message naming the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
+import yaml
 
+from hpc_btunet.config import option
 from hpc_btunet.errors import UserError
 
-EXECUTORS = ("local", "debug")
+EXECUTORS = ("slurm", "local", "debug")
+PROFILE_DIRS = (
+    Path("slurm/profiles"),
+    Path(__file__).resolve().parent.parent / "slurm" / "profiles",
+)
+PROFILE_KEYS = {
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "time",
+    "cpus_per_task",
+    "mem_gb",
+    "gpus_per_node",
+    "tasks_per_node",
+    "max_nodes",
+    "max_gpus_per_node",
+    "accounts",
+    "sbatch",
+    "setup",
+    "array_parallelism",
+}
 
 
-@dataclass(frozen=True)
+def default_executor() -> str:
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def parse_slurm_time(text: str) -> int:
+    """Minutes of a SLURM time string: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise UserError(
+            f"--time {text!r} is not a SLURM time: use minutes (90), H:M:S (1:30:00) or D-H:M:S (2-00:00:00)"
+        )
+    days, a, b, c = m.groups()
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
+        total = int(days) * 1440 + hours * 60 + minutes + (seconds > 0)
+    elif c is not None:  # H:M:S
+        total = int(a) * 60 + int(b) + (int(c) > 0)
+    elif b is not None:  # M:S
+        total = int(a) + (int(b) > 0)
+    else:
+        total = int(a)
+    if total < 1:
+        raise UserError(f"--time {text!r} is shorter than a minute: ask for at least 1")
+    return total
+
+
+def load_profile(name: str | None) -> dict[str, Any]:
+    """The cluster profile ``name`` (a YAML path, or a name under slurm/profiles/); {} for None."""
+    if not name:
+        return {}
+    candidates = [Path(name)] + [d / f"{name}.yaml" for d in PROFILE_DIRS]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        known = sorted({p.stem for d in PROFILE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+        raise UserError(
+            f"cluster profile {name!r} not found: pass a YAML file or one of {', '.join(known) or '(none)'}"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - PROFILE_KEYS)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PROFILE_KEYS))}"
+        )
+    return data
+
+
+@dataclass
 class LaunchConfig:
-    executor: str = "local"
-    logs: Path = Path("experiments/logs")
-    timeout_min: int = 60
-    tasks_per_node: int = 1
-    threads: int | None = None  # torch/OpenMP threads per task (None: the library default)
-    parallel: int = 1  # local executor: jobs running at once
+    """Where and with what resources jobs run. ``None`` means: from the profile, else the default."""
+
+    executor: str | None = option(
+        None,
+        "slurm, local (processes) or debug (in-process); default: slurm where sbatch exists",
+        choices=EXECUTORS,
+    )
+    profile: str | None = option(
+        None,
+        "cluster profile: a YAML file or a name under slurm/profiles/ (env HPC_BTUNET_PROFILE)",
+    )
+    nodes: int = option(1, "nodes per job")
+    tasks_per_node: int | None = option(
+        None, "processes per node (default: GPUs per node, or 1 without GPUs)"
+    )
+    gpus_per_node: int | None = option(None, "GPUs per node")
+    cpus_per_task: int | None = option(None, "CPU cores per process")
+    mem_gb: float | None = option(None, "memory per node in GB")
+    time: str | None = option(None, "time limit: minutes, H:M:S or D-H:M:S (default 60)")
+    partition: str | None = option(None, "SLURM partition")
+    account: str | None = option(None, "SLURM account")
+    qos: str | None = option(None, "SLURM quality of service")
+    constraint: str | None = option(None, "SLURM node constraint")
+    job_name: str | None = option(None, "job name (default: the stage)")
+    array_parallelism: int | None = option(None, "array tasks running at once")
+    sbatch: list[str] = field(
+        default_factory=list, metadata={"help": "any other sbatch option as KEY=VALUE (repeatable)"}
+    )
+    after: str | None = option(None, "start only after this SLURM job id succeeded (afterok)")
+    wait: bool = option(False, "wait for the jobs and report their results")
+    logs: Path = field(
+        default=Path("experiments/logs"), metadata={"help": "folder of the jobs' logs"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch threads per task"})
 
     def __post_init__(self) -> None:
+        self.executor = self.executor or default_executor()
         if self.executor not in EXECUTORS:
             raise UserError(
-                f"--executor {self.executor!r} is not available: choose one of {', '.join(EXECUTORS)}"
+                f"--executor {self.executor!r} is unknown: choose one of {', '.join(EXECUTORS)}"
             )
+        profile = load_profile(self.profile or os.environ.get("HPC_BTUNET_PROFILE"))
+        for key in (
+            "partition",
+            "account",
+            "qos",
+            "constraint",
+            "time",
+            "cpus_per_task",
+            "mem_gb",
+            "gpus_per_node",
+            "tasks_per_node",
+            "array_parallelism",
+        ):
+            if getattr(self, key) is None and key in profile:
+                setattr(self, key, profile[key])
+        self.extra = dict(profile.get("sbatch") or {})
+        for item in self.sbatch:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--sbatch {item!r} must be KEY=VALUE, e.g. --sbatch mail-type=END")
+            self.extra[key.strip().lstrip("-").replace("-", "_")] = value
+        self.setup = list(profile.get("setup") or [])
+        self.gpus_per_node = self.gpus_per_node or 0
+        self.tasks_per_node = self.tasks_per_node or max(1, self.gpus_per_node)
+        self.timeout_min = parse_slurm_time(str(self.time or 60))
+        if self.nodes < 1 or self.tasks_per_node < 1:
+            raise UserError("--nodes and --tasks-per-node must be at least 1")
+        limits = {
+            "nodes": (self.nodes, profile.get("max_nodes")),
+            "gpus-per-node": (self.gpus_per_node, profile.get("max_gpus_per_node")),
+        }
+        for name, (asked, limit) in limits.items():
+            if limit is not None and asked > limit:
+                raise UserError(
+                    f"--{name} {asked} is more than the cluster profile allows ({limit}): ask for at most {limit}"
+                )
+        allowed = profile.get("accounts")
+        if self.account and allowed and self.account not in allowed:
+            raise UserError(
+                f"--account {self.account!r} is not one of the profile's accounts: {', '.join(allowed)}"
+            )
+        if self.executor != "slurm":
+            if self.nodes > 1:
+                raise UserError(
+                    f"--nodes {self.nodes} needs --executor slurm (the {self.executor} executor runs on this machine)"
+                )
+            if self.after:
+                raise UserError("--after needs --executor slurm (dependencies are SLURM's)")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
 
 
-def make_executor(cfg: LaunchConfig, name: str) -> submitit.Executor:
-    folder = Path(cfg.logs) / name / "%j"
+def _slurm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+
+def check_slurm_request(cfg: LaunchConfig) -> None:
+    """What only SLURM can tell, asked before submitting: is it there, the partition, the account,
+    the dependency."""
+    if not shutil.which("sbatch"):
+        raise UserError(
+            "--executor slurm needs SLURM (sbatch is not on PATH): use --executor local, or run on a cluster"
+        )
+    if cfg.partition:
+        known = {p.rstrip("*") for p in _slurm("sinfo", "-h", "-o", "%P").stdout.split()}
+        if known and cfg.partition not in known:
+            raise UserError(
+                f"--partition {cfg.partition!r} is unknown to this cluster: choose one of {', '.join(sorted(known))}"
+            )
+    if cfg.account:
+        accounts = _slurm("sacctmgr", "-nP", "show", "account", "format=account")
+        known = set(accounts.stdout.split())
+        if accounts.returncode == 0 and known and cfg.account not in known:
+            raise UserError(
+                f"--account {cfg.account!r} is unknown to this cluster: choose one of {', '.join(sorted(known))}"
+            )
+    if cfg.after:
+        for job_id in cfg.after.replace(":", ",").split(","):
+            if not _slurm("scontrol", "show", "job", job_id.strip()).stdout.strip():
+                raise UserError(
+                    f"--after {job_id}: SLURM knows no job with this id (check `squeue` or the id printed at submission)"
+                )
+
+
+def make_executor(cfg: LaunchConfig, stage: str, array: bool = False) -> submitit.Executor:
+    folder = Path(cfg.logs) / stage / ("%A_%a" if array else "%j")
     if cfg.executor == "debug":
         return submitit.DebugExecutor(folder=folder)
-    executor = submitit.LocalExecutor(folder=folder)
-    setup = (
-        [f"export OMP_NUM_THREADS={cfg.threads} MKL_NUM_THREADS={cfg.threads}"]
-        if cfg.threads
-        else []
-    )
-    executor.update_parameters(
-        timeout_min=cfg.timeout_min, tasks_per_node=cfg.tasks_per_node, setup=setup
-    )
+    if cfg.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        setup = (
+            [f"export OMP_NUM_THREADS={cfg.threads} MKL_NUM_THREADS={cfg.threads}"]
+            if cfg.threads
+            else []
+        )
+        executor.update_parameters(
+            timeout_min=cfg.timeout_min, tasks_per_node=cfg.tasks_per_node, setup=setup
+        )
+        return executor
+    check_slurm_request(cfg)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params: dict[str, Any] = {
+        "name": cfg.job_name or f"hpc-btunet-{stage}",
+        "nodes": cfg.nodes,
+        "tasks_per_node": cfg.tasks_per_node,
+        "timeout_min": cfg.timeout_min,
+        "slurm_setup": cfg.setup
+        + ([f"export OMP_NUM_THREADS={cfg.threads}"] if cfg.threads else []),
+    }
+    optional = {
+        "gpus_per_node": cfg.gpus_per_node or None,
+        "cpus_per_task": cfg.cpus_per_task,
+        "mem_gb": cfg.mem_gb,
+        "slurm_partition": cfg.partition,
+        "slurm_account": cfg.account,
+        "slurm_qos": cfg.qos,
+        "slurm_constraint": cfg.constraint,
+        "slurm_array_parallelism": cfg.array_parallelism,
+        "slurm_dependency": f"afterok:{cfg.after.replace(',', ':')}" if cfg.after else None,
+        "slurm_additional_parameters": cfg.extra or None,
+    }
+    params |= {k: v for k, v in optional.items() if v is not None}
+    executor.update_parameters(**params)
     return executor
+
+
+class Job:
+    """A submitit callable: runs ``fn(cfg)``; on SLURM's warning signal submitit calls
+    ``checkpoint``, which resubmits the same call. The job then resumes from its own checkpoint,
+    since its output folder is its identity."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, cfg: Any) -> Any:
+        return self.fn(cfg)
+
+    def checkpoint(self, cfg: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(Job(self.fn), cfg)
 
 
 def _result(job: submitit.Job, label: str) -> Any:
@@ -57,39 +290,98 @@ def _result(job: submitit.Job, label: str) -> Any:
         return job.result()  # in-process: the job's own exception propagates
     try:
         return job.result()
-    except submitit.core.utils.FailedJobError as e:
-        log = job.paths.stderr
-        # the job's own message (a UserError's one line) is the last line of its traceback
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         tail = [line for line in str(e).splitlines() if line.strip()]
         reason = next(
             (line for line in reversed(tail) if "Error" in line or "error" in line),
             tail[-1] if tail else "",
         )
-        raise UserError(f"{label} failed: {reason.strip()}\n  log: {log}") from None
+        raise UserError(f"{label} failed: {reason.strip()}\n  log: {job.paths.stderr}") from None
 
 
-def run_jobs(
-    cfg: LaunchConfig, name: str, fn: Callable, configs: Sequence, labels: Sequence[str]
+def submit(
+    cfg: LaunchConfig,
+    stage: str,
+    fn: Callable,
+    configs: Sequence,
+    labels: Sequence[str],
+    outputs: Sequence[Path],
+    parallel: int = 1,
+) -> list[submitit.Job]:
+    """Submit ``fn(c)`` for each config (one SLURM array when several), print what was submitted,
+    and with ``--wait`` wait and return. Configs whose output is already complete are skipped."""
+    todo = [i for i, out in enumerate(outputs) if not Path(out).exists()]
+    for i in set(range(len(configs))) - set(todo):
+        print(f"{stage}: {labels[i]} is complete ({outputs[i]}), skipped")
+    if not todo:
+        return []
+    array = len(todo) > 1 and cfg.executor == "slurm"
+    executor = make_executor(cfg, stage, array=array)
+    job_fn = Job(fn)
+    if cfg.executor == "slurm":
+        with executor.batch():
+            jobs = [executor.submit(job_fn, configs[i]) for i in todo]
+        first = jobs[0].job_id.split("_")[0]
+        what = f"array job {first} of {len(jobs)} task(s)" if array else f"job {first}"
+        print(
+            f"{stage}: submitted {what} to SLURM ({cfg.nodes} node(s) x {cfg.tasks_per_node} task(s)"
+            f"{', after ' + cfg.after if cfg.after else ''})"
+        )
+        for i, job in zip(todo, jobs, strict=True):
+            print(
+                f"  {job.job_id}  {labels[i]}  log {job.paths.stdout}  output {Path(outputs[i]).parent}"
+            )
+        if cfg.wait:
+            for i, job in zip(todo, jobs, strict=True):
+                _result(job, f"{stage} job {job.job_id} ({labels[i]})")
+            print(f"{stage}: {len(jobs)} job(s) completed")
+        else:
+            print(f"{stage}: watch with `squeue -j {first}`; outputs appear as listed")
+        return jobs
+    return _run_here(
+        executor,
+        cfg,
+        stage,
+        job_fn,
+        [configs[i] for i in todo],
+        [labels[i] for i in todo],
+        parallel,
+    )
+
+
+def _run_here(
+    executor,
+    cfg: LaunchConfig,
+    stage: str,
+    fn: Callable,
+    configs: list,
+    labels: list[str],
+    parallel: int,
 ) -> list:
-    """Run ``fn(c)`` for every config, at most ``cfg.parallel`` at a time; print ids and log paths;
-    wait for all and return their results in order. A failed job names its log."""
-    executor = make_executor(cfg, name)
-    results: list = [None] * len(configs)
-    running: list[tuple[int, submitit.Job]] = []
+    """Local and debug executors: run at most ``parallel`` jobs at once on this machine and wait
+    (local jobs are child processes of this command)."""
+    jobs: list = [None] * len(configs)
+    running: list[int] = []
     pending = list(range(len(configs)))
     while pending or running:
-        while pending and len(running) < max(1, cfg.parallel):
+        while pending and len(running) < max(1, parallel):
             i = pending.pop(0)
-            job = executor.submit(fn, configs[i])
+            jobs[i] = executor.submit(fn, configs[i])
             print(
-                f"{name}: submitted {labels[i]} as job {job.job_id} ({cfg.executor}); log: {job.paths.stdout}"
+                f"{stage}: started {labels[i]} as {cfg.executor} job {jobs[i].job_id}; log: {jobs[i].paths.stdout}"
             )
-            running.append((i, job))
+            running.append(i)
         # a debug job runs in-process when its result is asked for, so it counts as done at once
-        done = [(i, j) for i, j in running if isinstance(j, submitit.DebugJob) or j.done()]
-        for i, job in done:
-            running.remove((i, job))
-            results[i] = _result(job, f"{name} job {job.job_id} ({labels[i]})")
+        done = [i for i in running if isinstance(jobs[i], submitit.DebugJob) or jobs[i].done()]
+        for i in done:
+            running.remove(i)
+            _result(jobs[i], f"{stage} job {jobs[i].job_id} ({labels[i]})")
         if running and not done:
             time.sleep(0.5)
-    return results
+    return jobs
+
+
+def replace(cfg: LaunchConfig, **changes: Any) -> LaunchConfig:
+    """A copy with ``changes`` (re-validated)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return LaunchConfig(**(fields | changes))

@@ -7,7 +7,6 @@ submitit; only their sizes are small, so that the whole demo fits in minutes on 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from hpc_btunet.config import option
 from hpc_btunet.data.manifest import MANIFEST_NAME, load_manifest
 from hpc_btunet.errors import UserError
-from hpc_btunet.launch import EXECUTORS, LaunchConfig, run_jobs
+from hpc_btunet.launch import LaunchConfig, submit
 from hpc_btunet.models import list_models
 from hpc_btunet.report import write_report
 from hpc_btunet.train import finetune, pretrain
@@ -38,7 +37,14 @@ class DemoConfig:
     finetune_epochs: int = option(30, "most fine-tuning epochs (early stopping may end sooner)")
     finetune_batch_size: int = option(8, "fine-tuning batch size")
     patience: int = option(6, "early-stopping patience (epochs)")
-    executor: str = option("local", "local (processes) or debug (in-process)", choices=EXECUTORS)
+    executor: str = option(
+        "local", "local (processes) or debug (in-process)", choices=("local", "debug")
+    )
+    wandb: str = option(
+        "offline",
+        "Weights & Biases: offline (synced later with `wandb sync`), online or disabled",
+        choices=("offline", "online", "disabled"),
+    )
     parallel: int = option(2, "fine-tuning jobs running at once")
     threads: int = option(1, "torch threads per job")
     seed: int = option(0, "seed of data, weights and views")
@@ -94,11 +100,10 @@ def demo(cfg: DemoConfig) -> str:
     start = time.perf_counter()
     models = cfg.model_names()
     _pack_demo_data(cfg)
+    logs = Path(cfg.out) / "logs"
+    # pre-training gets the whole machine: one job at a time, all threads
     launch = LaunchConfig(
-        executor=cfg.executor,
-        logs=Path(cfg.out) / "logs",
-        parallel=cfg.parallel,
-        threads=cfg.threads,
+        executor=cfg.executor, logs=logs, threads=cfg.parallel * cfg.threads, time="2:00:00"
     )
     pre_cfgs = [
         pretrain.PretrainConfig(
@@ -111,39 +116,49 @@ def demo(cfg: DemoConfig) -> str:
             seed=cfg.seed,
             device="cpu",
             checkpoint_every=100,
+            wandb=cfg.wandb,
         )
         for m in models
     ]
-    # pre-training gets the whole machine: one job at a time, all threads
-    encoders = run_jobs(
-        dataclasses.replace(launch, parallel=1, threads=cfg.parallel * cfg.threads),
+    submit(
+        launch,
         "pretrain",
         pretrain.run,
         pre_cfgs,
         models,
+        [c.run_dir() / "encoder.pt" for c in pre_cfgs],
     )
     print(f"demo: pre-training done after {time.perf_counter() - start:.0f} s")
 
-    fine_cfgs, labels = [], []
-    for model, encoder in zip(models, encoders, strict=True):
-        for pretrained in (encoder, None):
-            for fold in range(cfg.folds):
-                fine_cfgs.append(
-                    finetune.FinetuneConfig(
-                        data=cfg.data,
-                        model=model,
-                        out=cfg.out,
-                        fold=fold,
-                        pretrained=pretrained,
-                        epochs=cfg.finetune_epochs,
-                        batch_size=cfg.finetune_batch_size,
-                        patience=cfg.patience,
-                        seed=cfg.seed,
-                        device="cpu",
-                    )
-                )
-                labels.append(f"{model}/{'bt' if pretrained else 'scratch'}/fold-{fold}")
-    run_jobs(launch, "finetune", finetune.run, fine_cfgs, labels)
+    fine_cfgs = [
+        finetune.FinetuneConfig(
+            data=cfg.data,
+            model=p.model,
+            out=cfg.out,
+            fold=fold,
+            pretrained=pretrained,
+            epochs=cfg.finetune_epochs,
+            batch_size=cfg.finetune_batch_size,
+            patience=cfg.patience,
+            seed=cfg.seed,
+            device="cpu",
+            wandb=cfg.wandb,
+        )
+        for p in pre_cfgs
+        for pretrained in (p.run_dir() / "encoder.pt", None)
+        for fold in range(cfg.folds)
+    ]
+    labels = [f"{c.model}/{c.variant}/fold-{c.fold}" for c in fine_cfgs]
+    launch = LaunchConfig(executor=cfg.executor, logs=logs, threads=cfg.threads, time="2:00:00")
+    submit(
+        launch,
+        "finetune",
+        finetune.run,
+        fine_cfgs,
+        labels,
+        [c.run_dir() / "metrics.json" for c in fine_cfgs],
+        parallel=cfg.parallel,
+    )
     table, folder = write_report(cfg.out)
     wall = time.perf_counter() - start
     print(

@@ -166,7 +166,7 @@ def _run_verify(args) -> int:
 
 def _add_jobs(sub) -> None:
     from hpc_btunet.config import add_arguments
-    from hpc_btunet.launch import EXECUTORS
+    from hpc_btunet.launch import LaunchConfig
     from hpc_btunet.pipeline import DemoConfig
     from hpc_btunet.train.finetune import FinetuneConfig
     from hpc_btunet.train.pretrain import PretrainConfig
@@ -180,18 +180,28 @@ def _add_jobs(sub) -> None:
         (
             "finetune",
             FinetuneConfig,
-            "fine-tune a whole model on one fold of the labelled subset, test on the test split",
+            "fine-tune a whole model on folds of the labelled subset, test on the test split",
         ),
     )
     for name, cls, text in jobs:
         p = sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
         add_arguments(p, cls)
-        p.add_argument(
-            "--executor",
-            default="local",
-            choices=EXECUTORS,
-            help="local: a child process through submitit; debug: in this process",
+        if name == "finetune":
+            p.add_argument(
+                "--folds",
+                type=int,
+                help="fan out folds 0..K-1 as one SLURM array (instead of --fold)",
+            )
+            p.add_argument("--models", help="comma-separated models, or 'all' (instead of --model)")
+            p.add_argument(
+                "--variants",
+                help="bt, scratch or bt,scratch (default: bt with --pretrained, else scratch); "
+                "bt without --pretrained uses <out>/pretrain/<model>/encoder.pt",
+            )
+        launch = p.add_argument_group(
+            "where and with what resources (SLURM, local processes or in-process)"
         )
+        add_arguments(launch, LaunchConfig, skip=("logs", "threads"), with_config=False)
         p.set_defaults(func=_run_job, job=name, config_class=cls)
 
     p = sub.add_parser(
@@ -216,16 +226,72 @@ def _add_jobs(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
+def _finetune_tasks(cfg, args, wait_for_pretrain: bool) -> list:
+    """The (model, variant, fold) tasks of a finetune command, checked before anything is submitted."""
+    import dataclasses
+
+    from hpc_btunet.data import load_manifest
+    from hpc_btunet.models import list_models
+
+    models = [cfg.model]
+    if args.models:
+        models = (
+            list_models() if args.models == "all" else [m.strip() for m in args.models.split(",")]
+        )
+        unknown = [m for m in models if m not in list_models()]
+        if unknown:
+            raise UserError(
+                f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(list_models())} or 'all'"
+            )
+    variants = (args.variants or ("bt" if cfg.pretrained else "scratch")).split(",")
+    if not set(variants) <= {"bt", "scratch"}:
+        raise UserError(f"--variants {args.variants!r}: use bt, scratch or bt,scratch")
+    n_folds = len(load_manifest(cfg.data).folds)
+    folds = range(args.folds) if args.folds is not None else [cfg.fold]
+    if args.folds is not None and not 1 <= args.folds <= n_folds:
+        raise UserError(
+            f"--folds {args.folds}: {cfg.data} has {n_folds} folds; ask for 1 to {n_folds}"
+        )
+    tasks = []
+    for model in models:
+        for variant in variants:
+            pretrained = None
+            if variant == "bt":
+                pretrained = (
+                    cfg.pretrained
+                    if cfg.pretrained and len(models) == 1
+                    else (Path(cfg.out) / "pretrain" / model / "encoder.pt")
+                )
+                if not Path(pretrained).exists() and not wait_for_pretrain:
+                    raise UserError(
+                        f"{pretrained} does not exist: run `hpc-btunet pretrain --model {model}` first, "
+                        "or pass --after <pretrain job id> to wait for it"
+                    )
+            for fold in folds:
+                tasks.append(
+                    dataclasses.replace(cfg, model=model, fold=fold, pretrained=pretrained)
+                )
+    return tasks
+
+
 def _run_job(args) -> int:
     from hpc_btunet.config import resolve
-    from hpc_btunet.launch import LaunchConfig, run_jobs
+    from hpc_btunet.launch import LaunchConfig, submit
     from hpc_btunet.train import finetune, pretrain
 
-    cfg = resolve(args.config_class, args)
-    fn = {"pretrain": pretrain.run, "finetune": finetune.run}[args.job]
-    launch = LaunchConfig(executor=args.executor, logs=Path(cfg.out) / "logs")
-    (path,) = run_jobs(launch, args.job, fn, [cfg], [cfg.model])
-    print(f"{args.job}: output in {Path(path).parent}")
+    cfg = resolve(args.config_class, args, others=(LaunchConfig,))
+    launch = resolve(LaunchConfig, args, others=(args.config_class,), logs=Path(cfg.out) / "logs")
+    if args.job == "pretrain":
+        tasks, fn = [cfg], pretrain.run
+        outputs = [cfg.run_dir() / "encoder.pt"]
+    else:
+        tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
+        outputs = [t.run_dir() / "metrics.json" for t in tasks]
+    labels = [
+        f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"
+        for t in tasks
+    ]
+    submit(launch, args.job, fn, tasks, labels, outputs)
     return 0
 
 

@@ -81,3 +81,9 @@ def toy_pack(tmp_path):
         return out, pack(ToySource(n=n, **source_kw), cfg, log=lambda _: None)
 
     return _pack
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_by_default(monkeypatch):
+    """Jobs in tests log locally only, unless a test asks for wandb (it sets WANDB_MODE itself)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")

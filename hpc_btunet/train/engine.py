@@ -10,7 +10,6 @@ A DeepSpeed engine will sit beside this one behind the same two calls.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +43,20 @@ class Engine:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, device: str = "auto") -> Engine:
-        """Join the process group described by the environment (torchrun/SLURM variables), if any."""
-        if not distributed.is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    def setup(cls, device: str = "auto", timeout_s: float = 600.0) -> Engine:
+        """Join the job's process group (SLURM/submitit, torchrun or none) and pick the device.
+
+        ``timeout_s`` bounds every collective: a lost rank ends the job with an error, not a hang.
+        """
         dev = pick_device(device)
+        placement = distributed.init_process_group(use_cuda=dev.type == "cuda", timeout_s=timeout_s)
         if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", placement.local_rank)
             torch.cuda.set_device(dev)
-        return cls(dev, distributed.rank(), distributed.world_size(), local_rank)
+        return cls(dev, placement.rank, placement.world_size, placement.local_rank)
+
+    def close(self) -> None:
+        distributed.teardown()
 
     def wrap(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)

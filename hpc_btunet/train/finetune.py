@@ -24,10 +24,12 @@ from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import Manifest, load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, load_encoder_state, model_signature
+from hpc_btunet.tracking import MODES, Tracker
 from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, load_weights, save_checkpoint
 from hpc_btunet.train.engine import Engine
 from hpc_btunet.train.losses import BceDiceLoss
 from hpc_btunet.train.metrics import SegmentationMetrics
+from hpc_btunet.train.preemption import PreemptionWatcher
 from hpc_btunet.train.run import RunDir
 
 EMPTY_RULE = (
@@ -57,6 +59,10 @@ class FinetuneConfig:
     num_workers: int = option(0, "DataLoader worker processes")
     seed: int = option(0, "seed of the initial weights and data order (the same for every fold)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    wandb: str = option(
+        "offline", "Weights & Biases: offline (sync later), online or disabled", choices=MODES
+    )
+    project: str = option("hpc_btunet", "Weights & Biases project")
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -137,6 +143,7 @@ def run(cfg: FinetuneConfig) -> Path:
         print(f"finetune: {result_file} exists, nothing to do")
         return result_file
     engine = Engine.setup(cfg.device)
+    watcher = PreemptionWatcher()
     if engine.world_size > 1:
         raise UserError("finetune runs one process per (model, fold): launch it with one task")
     manifest = load_manifest(cfg.data)
@@ -190,6 +197,15 @@ def run(cfg: FinetuneConfig) -> Path:
         print(f"finetune: resuming from {last} (epoch {epoch})")
     else:
         rundir.write_config(to_dict(cfg), cfg.data)
+    tracker = Tracker(
+        rundir,
+        to_dict(cfg),
+        stage="finetune",
+        name=f"{cfg.model}/{cfg.variant}/fold-{cfg.fold}",
+        group=Path(cfg.out).name,
+        mode=cfg.wandb,
+        project=cfg.project,
+    )
     print(
         f"finetune: {cfg.model} ({cfg.variant}) fold {cfg.fold}: {len(train_keys)} train, {len(val_keys)} "
         f"validation, {manifest.counts['test']} test images"
@@ -218,7 +234,7 @@ def run(cfg: FinetuneConfig) -> Path:
             "lr": optimizer.param_groups[0]["lr"],
         }
         curve.append(point)
-        rundir.log({"step": epoch + 1, **point})
+        tracker.log(point, epoch + 1)
         if val_loss < best["val_loss"]:
             best = {
                 "val_loss": val_loss,
@@ -241,6 +257,9 @@ def run(cfg: FinetuneConfig) -> Path:
             },
             keep=1,
         )
+        if watcher.should_stop():  # this epoch's checkpoint is saved: requeue, resume from it
+            tracker.finish()
+            watcher.requeue(f"epoch {epoch}")
 
     model.load_state_dict(best["state"])
     test_loss, test = evaluate(model, test_loader, loss_fn, engine.device)
@@ -256,6 +275,11 @@ def run(cfg: FinetuneConfig) -> Path:
         "validation_curve": curve,
         "train_seconds": time.perf_counter() - start,
     }
+    tracker.summary(
+        {f"test_{k}": v for k, v in test["mean"].items()} | {"epoch_kept": best["epoch"]}
+    )
+    tracker.finish()
+    watcher.close()
     write_json(result_file, result)
     print(
         f"finetune: {cfg.model} ({cfg.variant}) fold {cfg.fold}: test dice {test['mean']['dice']:.3f} "

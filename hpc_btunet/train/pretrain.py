@@ -21,9 +21,11 @@ from hpc_btunet.data import load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, model_signature
 from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
+from hpc_btunet.tracking import MODES, Tracker
 from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, save_checkpoint, save_weights
 from hpc_btunet.train.engine import Engine
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
+from hpc_btunet.train.preemption import PreemptionWatcher
 from hpc_btunet.train.run import RunDir
 
 
@@ -62,6 +64,13 @@ class PretrainConfig:
     seed: int = option(0, "seed of the weights, data order and views")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     verify: bool = option(False, "check every shard's sha256 before training")
+    wandb: str = option(
+        "offline", "Weights & Biases: offline (sync later), online or disabled", choices=MODES
+    )
+    project: str = option("hpc_btunet", "Weights & Biases project")
+    dist_timeout: float = option(
+        600.0, "seconds a collective may wait for a lost rank before the job fails"
+    )
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -98,7 +107,8 @@ def run(cfg: PretrainConfig) -> Path:
     if encoder_file.exists():
         print(f"pretrain: {encoder_file} exists, nothing to do")
         return encoder_file
-    engine = Engine.setup(cfg.device)
+    engine = Engine.setup(cfg.device, cfg.dist_timeout)
+    watcher = PreemptionWatcher()
     rundir.is_main = engine.is_main
     manifest = load_manifest(cfg.data)
 
@@ -152,6 +162,15 @@ def run(cfg: PretrainConfig) -> Path:
         rundir.write_config(
             to_dict(cfg) | {"global_batch": global_batch, "total_steps": total}, cfg.data
         )
+    tracker = Tracker(
+        rundir,
+        to_dict(cfg) | {"global_batch": global_batch, "world_size": engine.world_size},
+        stage="pretrain",
+        name=cfg.model,
+        group=Path(cfg.out).name,
+        mode=cfg.wandb,
+        project=cfg.project,
+    )
     if engine.is_main:
         print(
             f"pretrain: {cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "
@@ -209,14 +228,13 @@ def run(cfg: PretrainConfig) -> Path:
                     z_a.detach(), z_b.detach(), gather=engine.world_size > 1
                 )
                 record = {
-                    "step": step,
                     "epoch": epoch,
                     "loss": loss.item(),
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": images / elapsed,
                     **stats,
                 }
-                rundir.log(record)
+                tracker.log(record, step)
                 if engine.is_main:
                     print(
                         f"pretrain: step {step}/{total} loss {record['loss']:.4g} "
@@ -228,10 +246,28 @@ def run(cfg: PretrainConfig) -> Path:
                 checkpoint()
             if step >= total:
                 break
+            if watcher.should_stop():  # every rank, same step: save together, then requeue
+                checkpoint()
+                engine.barrier()
+                tracker.finish()
+                if engine.is_main:
+                    print(
+                        f"pretrain: preempted at step {step}: checkpoint saved, requeueing",
+                        flush=True,
+                    )
+                watcher.requeue(f"step {step}")
 
     if engine.is_main:
         signature = model_signature(cfg.model, in_channels=manifest.channels, **model_options)
-        save_weights(encoder_file, Engine.unwrap(net).encoder.state_dict(), signature)
+        save_weights(
+            encoder_file,
+            Engine.unwrap(net).encoder.state_dict(),
+            signature | {"image_size": manifest.image_size},
+        )
         print(f"pretrain: wrote {encoder_file}")
+    tracker.summary({"final_loss": loss.item(), "steps": step})
+    tracker.finish()
+    watcher.close()
     engine.barrier()
+    engine.close()
     return encoder_file

@@ -1,0 +1,129 @@
+"""The launcher's checks, which run before anything is submitted (no SLURM needed here)."""
+
+import pytest
+
+from hpc_btunet.errors import UserError
+from hpc_btunet.launch import LaunchConfig, check_slurm_request, load_profile, parse_slurm_time
+from hpc_btunet.submit import main
+
+
+@pytest.mark.parametrize(
+    "text,minutes",
+    [
+        ("90", 90),
+        ("1:30", 2),
+        ("2:00:00", 120),
+        ("1:30:01", 91),
+        ("1-0", 1440),
+        ("1-2:03", 1563),
+        ("0-00:10:00", 10),
+    ],
+)
+def test_slurm_time_strings(text, minutes):
+    assert parse_slurm_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["1h", "", "1:2:3:4", "-5", "0", "ten"])
+def test_bad_time_strings(text):
+    with pytest.raises(UserError, match="--time"):
+        parse_slurm_time(text)
+
+
+def test_profile_defaults_and_limits(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "partition: gpu\ngpus_per_node: 4\nmax_nodes: 2\nmax_gpus_per_node: 4\ntime: '1-00:00:00'\n"
+        "accounts: [a, b]\nsbatch: {exclusive: ''}\n"
+    )
+    cfg = LaunchConfig(executor="slurm", profile=str(profile), nodes=2, sbatch=["mail-type=END"])
+    assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node, cfg.timeout_min) == (
+        "gpu",
+        4,
+        4,
+        1440,
+    )
+    assert cfg.extra == {"exclusive": "", "mail_type": "END"} and cfg.world_size == 8
+    assert (
+        LaunchConfig(executor="slurm", profile=str(profile), partition="big").partition == "big"
+    )  # flags win
+    with pytest.raises(UserError, match="--nodes 3 is more than the cluster profile allows"):
+        LaunchConfig(executor="slurm", profile=str(profile), nodes=3)
+    with pytest.raises(UserError, match="--gpus-per-node 8"):
+        LaunchConfig(executor="slurm", profile=str(profile), gpus_per_node=8)
+    with pytest.raises(UserError, match="not one of the profile's accounts: a, b"):
+        LaunchConfig(executor="slurm", profile=str(profile), account="c")
+
+
+def test_profile_errors(tmp_path):
+    with pytest.raises(UserError, match="not found.*local"):
+        load_profile("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partitoin: x\n")
+    with pytest.raises(UserError, match="unknown key.*partitoin"):
+        load_profile(str(bad))
+    assert load_profile("local")["partition"] == "debug"
+
+
+def test_local_executor_limits():
+    with pytest.raises(UserError, match="--nodes 2 needs --executor slurm"):
+        LaunchConfig(executor="local", nodes=2)
+    with pytest.raises(UserError, match="--after needs --executor slurm"):
+        LaunchConfig(executor="local", after="123")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        LaunchConfig(executor="local", sbatch=["exclusive"])
+
+
+def test_slurm_executor_without_slurm(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="needs SLURM"):
+        check_slurm_request(LaunchConfig(executor="slurm"))
+    assert LaunchConfig().executor == "local", (
+        "the default executor is local where sbatch is missing"
+    )
+
+
+def test_cli_stops_before_submitting(toy_pack, tmp_path, capsys):
+    data, _ = toy_pack(n=40, image_size=32)
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--executor",
+            "local",
+            "--time",
+            "1h",
+        ]
+    )
+    assert code == 2 and "--time '1h' is not a SLURM time" in capsys.readouterr().err
+    assert not (tmp_path / "pretrain").exists()
+    code = main(
+        [
+            "finetune",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--executor",
+            "local",
+            "--folds",
+            "9",
+        ]
+    )
+    assert code == 2 and "has 5 folds" in capsys.readouterr().err
+    code = main(
+        [
+            "finetune",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--executor",
+            "local",
+            "--variants",
+            "bt",
+        ]
+    )
+    assert code == 2 and "pretrain --model unet` first" in capsys.readouterr().err

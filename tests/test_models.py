@@ -167,6 +167,7 @@ def test_signature_resolves_every_option():
         "kernel_size": 3,
         "upsample": "transpose",
         "separable_stem": False,
+        "skip": "concat",
     }
     assert build_model("unet", in_channels=3, depth=3).signature == model_signature(
         "unet", in_channels=3, depth=3

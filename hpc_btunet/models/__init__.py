@@ -2,10 +2,12 @@
 
 ``build_model(name, in_channels, out_channels, **options)`` builds any registered model; every
 model has ``encoder`` (returning one feature per ``encoder.stages`` entry, bottleneck last, with
-``encoder.out_channels`` channels), ``decoder``, ``head`` and ``size_divisor``.
+``encoder.out_channels`` channels), ``decoder``, ``head`` and ``size_divisor``. Models with
+``deep_supervision`` true (UNet++) also have ``forward_heads(x)``, every head's logits.
 """
 
 from hpc_btunet.models.blocks import StageInfo
+from hpc_btunet.models.rca_iunet import InceptionUNet  # noqa: F401  (registers inception_unet, rca_iunet)
 from hpc_btunet.models.registry import (
     build_model,
     check_input_size,
@@ -19,10 +21,12 @@ from hpc_btunet.models.registry import (
     required_divisor,
 )
 from hpc_btunet.models.unet import UNet  # importing it registers the U-Net models
+from hpc_btunet.models.unet_plus_plus import UNetPlusPlus  # registers unet_plus_plus
 
 __all__ = [
     "StageInfo",
     "UNet",
+    "UNetPlusPlus",
     "build_model",
     "check_input_size",
     "describe",

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpc_btunet.models.attention import AttentionGate
+
 UPSAMPLE_MODES = ("transpose", "bilinear")
+#: How a decoder stage uses its skip: concatenated as is, or weighed by an attention gate first.
+SKIP_MODES = ("concat", "attention")
 
 
 @dataclass(frozen=True)
@@ -35,17 +39,23 @@ class SeparableConv2d(nn.Module):
     """Depthwise ``k x k`` convolution (one filter per input channel), then a pointwise ``1 x 1``.
 
     Both convolutions are bias-free by default: the unit is meant to be followed by BatchNorm,
-    whose shift makes a bias redundant.
+    whose shift makes a bias redundant. ``stride`` applies to the depthwise convolution.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = False
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = False,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         self.depthwise = nn.Conv2d(
             in_channels,
             in_channels,
             kernel_size,
+            stride=stride,
             padding=kernel_size // 2,
             groups=in_channels,
             bias=False,
@@ -57,7 +67,10 @@ class SeparableConv2d(nn.Module):
 
 
 class ConvBNAct(nn.Module):
-    """Convolution (separable or plain, "same" padding), BatchNorm, then ReLU unless ``act=False``."""
+    """Convolution (separable or plain, "same" padding), BatchNorm, then ReLU unless ``act=False``.
+
+    With ``stride=2`` the output is half the (even) input size.
+    """
 
     def __init__(
         self,
@@ -66,13 +79,21 @@ class ConvBNAct(nn.Module):
         kernel_size: int = 3,
         separable: bool = True,
         act: bool = True,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         if separable:
-            self.conv: nn.Module = SeparableConv2d(in_channels, out_channels, kernel_size)
+            self.conv: nn.Module = SeparableConv2d(
+                in_channels, out_channels, kernel_size, stride=stride
+            )
         else:
             self.conv = nn.Conv2d(
-                in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                bias=False,
             )
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
@@ -90,7 +111,9 @@ class ResidualStage(nn.Module):
     ``separable_first=False`` makes the first convolution a plain one: on a 1-channel image a
     depthwise convolution is a single ``k x k`` filter, so every output channel of the first unit
     would be a rescaled copy of one feature map (Xception, which the paper cites for separable
-    convolutions, also keeps plain convolutions in its stem).
+    convolutions, also keeps plain convolutions in its stem). ``separable=False`` makes both
+    convolutions plain. ``stride=2`` halves the size in the second convolution (and the
+    shortcut projection), as in a ResNet downsampling block, instead of a pooling before the stage.
     """
 
     def __init__(
@@ -99,15 +122,22 @@ class ResidualStage(nn.Module):
         out_channels: int,
         kernel_size: int = 3,
         separable_first: bool = True,
+        separable: bool = True,
+        stride: int = 1,
     ) -> None:
         super().__init__()
-        self.unit1 = ConvBNAct(in_channels, out_channels, kernel_size, separable=separable_first)
-        self.unit2 = ConvBNAct(out_channels, out_channels, kernel_size, act=False)
-        if in_channels == out_channels:
+        self.unit1 = ConvBNAct(
+            in_channels, out_channels, kernel_size, separable=separable and separable_first
+        )
+        self.unit2 = ConvBNAct(
+            out_channels, out_channels, kernel_size, separable=separable, act=False, stride=stride
+        )
+        if in_channels == out_channels and stride == 1:
             self.shortcut: nn.Module = nn.Identity()
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
             )
         self.act = nn.ReLU(inplace=True)
 
@@ -152,6 +182,8 @@ class DecoderStage(nn.Module):
     ``skip_channels`` may list several skips (UNet++ nodes concatenate all earlier nodes of their
     level); ``forward(x, *skips)`` takes them in that order. The upsampled ``x`` gets as many
     channels as the first skip, as in the original U-Net ("up-conv that halves the channels").
+    ``skip="attention"`` (one skip only) first weighs the skip by an ``AttentionGate`` driven
+    by ``x``, the coarser decoder feature (Attention U-Net). ``separable=False``: plain convs.
     """
 
     def __init__(
@@ -162,14 +194,25 @@ class DecoderStage(nn.Module):
         kernel_size: int = 3,
         scale: int = 2,
         upsample: str = "transpose",
+        separable: bool = True,
+        skip: str = "concat",
     ) -> None:
         super().__init__()
         skips = [skip_channels] if isinstance(skip_channels, int) else list(skip_channels)
+        if skip not in SKIP_MODES:
+            raise ValueError(f"skip must be one of {SKIP_MODES}, got {skip!r}")
+        if skip == "attention" and len(skips) != 1:
+            raise ValueError(f"an attention gate weighs one skip, got {len(skips)}")
+        self.gate = (
+            AttentionGate(skips[0], in_channels, scale=scale) if skip == "attention" else None
+        )
         self.up = Upsample(in_channels, skips[0], scale, upsample)
-        self.unit1 = ConvBNAct(skips[0] + sum(skips), out_channels, kernel_size)
-        self.unit2 = ConvBNAct(out_channels, out_channels, kernel_size)
+        self.unit1 = ConvBNAct(skips[0] + sum(skips), out_channels, kernel_size, separable)
+        self.unit2 = ConvBNAct(out_channels, out_channels, kernel_size, separable)
 
     def forward(self, x: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            skips = (self.gate(skips[0], x),)
         x = torch.cat([self.up(x), *skips], dim=1)
         return self.unit2(self.unit1(x))
 

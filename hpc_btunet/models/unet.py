@@ -15,6 +15,7 @@ from torch import nn
 
 from hpc_btunet.errors import UserError
 from hpc_btunet.models.blocks import (
+    SKIP_MODES,
     UPSAMPLE_MODES,
     DecoderStage,
     ResidualStage,
@@ -27,6 +28,8 @@ from hpc_btunet.models.registry import register_model
 StageFactory = Callable[[int, int, int], nn.Module]
 #: ``channels -> module`` halving height and width.
 DownFactory = Callable[[int], nn.Module]
+#: ``(in_channels, skip_channels, out_channels, scale=...) -> module`` with ``forward(x, skip)``.
+DecoderFactory = Callable[..., nn.Module]
 
 
 def max_pool(channels: int) -> nn.Module:
@@ -75,23 +78,28 @@ class Decoder(nn.Module):
     """One ``DecoderStage`` per skip feature, deepest first, sized from the encoder's stages.
 
     ``forward(features)`` takes the encoder's list and returns a map with ``out_channels``
-    channels at the resolution of the first stage (``reduction``).
+    channels at the resolution of the first stage (``reduction``). ``skip`` is passed to every
+    ``DecoderStage`` (``"attention"`` gates each skip). ``stage`` builds the stages instead of
+    ``DecoderStage`` (``kernel_size``, ``upsample`` and ``skip`` then only reach the default).
     """
 
     def __init__(
-        self, stages: Sequence[StageInfo], kernel_size: int = 3, upsample: str = "transpose"
+        self,
+        stages: Sequence[StageInfo],
+        kernel_size: int = 3,
+        upsample: str = "transpose",
+        skip: str = "concat",
+        stage: DecoderFactory | None = None,
     ) -> None:
         super().__init__()
+        if stage is None:
+            stage = partial(DecoderStage, kernel_size=kernel_size, upsample=upsample, skip=skip)
         self.blocks = nn.ModuleList()
         below = stages[-1]
-        for skip in reversed(stages[:-1]):
-            scale = below.reduction // skip.reduction
-            self.blocks.append(
-                DecoderStage(
-                    below.channels, skip.channels, skip.channels, kernel_size, scale, upsample
-                )
-            )
-            below = skip
+        for level in reversed(stages[:-1]):
+            scale = below.reduction // level.reduction
+            self.blocks.append(stage(below.channels, level.channels, level.channels, scale=scale))
+            below = level
         self.out_channels, self.reduction = stages[0].channels, stages[0].reduction
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -126,7 +134,9 @@ class UNet(nn.Module):
     Options: ``kernel_size`` (odd) of every ``k x k`` convolution; ``upsample`` is ``"transpose"``
     (learned 2 x 2 transposed convolution, default) or ``"bilinear"`` (interpolation + 1 x 1
     convolution); ``separable_stem=True`` makes the very first convolution separable too, as the
-    paper literally says (by default it is plain, see ``ResidualStage``).
+    paper literally says (by default it is plain, see ``ResidualStage``); ``skip="attention"``
+    weighs every skip by an ``AttentionGate`` driven by the coarser decoder feature (Oktay et al.
+    2018), registered as the variant ``attention_unet``.
 
     Attributes: ``encoder`` (what Barlow Twins pre-trains, bottleneck included), ``decoder``,
     ``head``, and ``size_divisor`` (``2**depth``; input height and width must be multiples).
@@ -141,6 +151,7 @@ class UNet(nn.Module):
         kernel_size: int = 3,
         upsample: str = "transpose",
         separable_stem: bool = False,
+        skip: str = "concat",
     ) -> None:
         super().__init__()
         _check_options(
@@ -154,10 +165,12 @@ class UNet(nn.Module):
             raise UserError(f"unet: kernel_size must be odd (same-size padding), got {kernel_size}")
         if upsample not in UPSAMPLE_MODES:
             raise UserError(f"unet: upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        if skip not in SKIP_MODES:
+            raise UserError(f"unet: skip must be one of {SKIP_MODES}, got {skip!r}")
         widths = [base_width * 2**i for i in range(depth + 1)]
         stage = partial(_residual_stage, kernel_size=kernel_size, separable_stem=separable_stem)
         self.encoder = Encoder(in_channels, widths, stage)
-        self.decoder = Decoder(self.encoder.stages, kernel_size, upsample)
+        self.decoder = Decoder(self.encoder.stages, kernel_size, upsample, skip)
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 1)
         self.size_divisor = self.encoder.stages[-1].reduction
 
@@ -166,3 +179,7 @@ class UNet(nn.Module):
             if message := size_error(side, self.size_divisor):
                 raise ValueError(message)
         return self.head(self.decoder(self.encoder(x)))
+
+
+# The Attention U-Net of the paper (A-Unet) is the same model with gated skips.
+register_model("attention_unet", skip="attention")(UNet)

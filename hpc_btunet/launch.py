@@ -228,8 +228,8 @@ def check_slurm_request(cfg: LaunchConfig) -> None:
                 )
 
 
-def make_executor(cfg: LaunchConfig, stage: str, array: bool = False) -> submitit.Executor:
-    folder = Path(cfg.logs) / stage / ("%A_%a" if array else "%j")
+def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
+    folder = Path(cfg.logs) / stage / "%j"  # submitit writes array tasks as <array id>_<task>
     if cfg.executor == "debug":
         return submitit.DebugExecutor(folder=folder)
     if cfg.executor == "local":
@@ -316,7 +316,7 @@ def submit(
     if not todo:
         return []
     array = len(todo) > 1 and cfg.executor == "slurm"
-    executor = make_executor(cfg, stage, array=array)
+    executor = make_executor(cfg, stage)
     job_fn = Job(fn)
     if cfg.executor == "slurm":
         with executor.batch():

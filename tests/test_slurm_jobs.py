@@ -1,0 +1,165 @@
+"""The toolkit's own jobs on the local SLURM cluster (2 nodes): multi-node DDP pre-training, a
+fold array that waits for it, and preemption with requeue and resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from test_local_cluster import _job_state, _wait_for, local_cluster  # noqa: F401  (module fixture)
+
+from hpc_btunet.train.checkpoint import list_checkpoints
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+TINY = [
+    "--base-width",
+    "4",
+    "--depth",
+    "2",
+    "--batch-size",
+    "4",
+    "--executor",
+    "slurm",
+    "--profile",
+    "local",
+]
+
+
+def cli(*args) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def job_id(stdout: str) -> str:
+    return re.search(r"submitted (?:array )?job (\d+)", stdout).group(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import ToySource
+
+    from hpc_btunet.data.pack import PackConfig, pack
+    from hpc_btunet.data.splits import SplitConfig
+
+    out = tmp_path_factory.mktemp("slurm") / "data"
+    pack(
+        ToySource(n=60),
+        PackConfig(out=out, image_size=32, shard_size=20, splits=SplitConfig(folds=3)),
+        log=lambda _: None,
+    )
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_two_node_pretrain_then_fold_array_after_it(data, tmp_path):
+    exp = tmp_path / "exp"
+    out = cli(
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        exp,
+        "--steps",
+        6,
+        "--log-every",
+        1,
+        "--nodes",
+        2,
+        "--tasks-per-node",
+        1,
+        *TINY,
+    )
+    pre = job_id(out)
+    assert "2 node(s) x 1 task(s)" in out
+    out = cli(
+        "finetune",
+        "--data",
+        data,
+        "--out",
+        exp,
+        "--folds",
+        3,
+        "--variants",
+        "bt",
+        "--epochs",
+        2,
+        "--after",
+        pre,
+        "--wait",
+        *TINY,
+    )
+    assert re.search(r"submitted array job \d+ of 3 task\(s\) to SLURM .*after " + pre, out)
+    deps = subprocess.run(["scontrol", "show", "job", pre], capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in deps
+    encoder = exp / "pretrain" / "unet" / "encoder.pt"
+    assert encoder.exists()
+    log = (exp / "pretrain" / "unet" / "metrics.jsonl").read_text()
+    config = (exp / "pretrain" / "unet" / "config.yaml").read_text()
+    assert "global_batch: 8" in config, "2 ranks x batch 4"
+    assert len(log.splitlines()) == 6
+    pre_logs = list((exp / "logs" / "pretrain").glob(f"{pre}/*_log.out"))
+    assert len(pre_logs) == 2 and "2 rank(s)" in "".join(p.read_text() for p in pre_logs)
+    for fold in range(3):
+        metrics = json.loads(
+            (exp / "finetune" / "unet" / "bt" / f"fold-{fold}" / "metrics.json").read_text()
+        )
+        assert metrics["pretrained"] == str(encoder) and metrics["fold"] == fold
+    again = cli(
+        "finetune", "--data", data, "--out", exp, "--folds", 3, "--variants", "bt", "--wait", *TINY
+    )
+    assert again.count("is complete") == 3 and "submitted" not in again
+
+
+@pytest.mark.timeout(600)
+def test_usr2_checkpoints_requeues_and_resumes(data, tmp_path):
+    exp = tmp_path / "exp"
+    steps = 150
+    out = cli(
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        exp,
+        "--steps",
+        steps,
+        "--checkpoint-every",
+        5,
+        "--log-every",
+        1,
+        "--nodes",
+        2,
+        "--tasks-per-node",
+        1,
+        *TINY,
+    )
+    jid = job_id(out)
+    run = exp / "pretrain" / "unet"
+    _wait_for(lambda: list_checkpoints(run / "checkpoints"), 240, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    # the job saves at the next step boundary and asks SLURM to requeue it
+    _wait_for(lambda: int(_job_state(jid).get("Restarts", 0)) >= 1, 120, "the requeue")
+    time.sleep(3)  # a requeued job waits for its BeginTime; release it (not at once: credentials)
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)
+    _wait_for(lambda: (run / "encoder.pt").exists(), 400, "the resumed job to finish", poll=1)
+    logs = "".join(p.read_text() for p in (exp / "logs" / "pretrain").glob(f"{jid}/*_log.out"))
+    m = re.search(r"preempted at step (\d+): checkpoint saved", logs)
+    assert m, logs[-3000:]
+    stopped = int(m.group(1))
+    assert (
+        f"resuming from {run / 'checkpoints' / f'step-{stopped:08d}.pt'} (step {stopped} of {steps})"
+        in logs
+    )
+    steps_logged = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps_logged == list(range(1, steps + 1)), "the step counter continues where it stopped"

@@ -34,7 +34,8 @@ PROFILE_DIRS = (
     Path("slurm/profiles"),
     Path(__file__).resolve().parent.parent / "slurm" / "profiles",
 )
-PROFILE_KEYS = {
+# profile keys that give a flag its default, then those that only the profile can set
+PROFILE_DEFAULTS = (
     "partition",
     "account",
     "qos",
@@ -44,12 +45,14 @@ PROFILE_KEYS = {
     "mem_gb",
     "gpus_per_node",
     "tasks_per_node",
+    "array_parallelism",
+)
+PROFILE_KEYS = set(PROFILE_DEFAULTS) | {
     "max_nodes",
     "max_gpus_per_node",
     "accounts",
     "sbatch",
     "setup",
-    "array_parallelism",
 }
 
 
@@ -143,18 +146,7 @@ class LaunchConfig:
                 f"--executor {self.executor!r} is unknown: choose one of {', '.join(EXECUTORS)}"
             )
         profile = load_profile(self.profile or os.environ.get("HPC_BTUNET_PROFILE"))
-        for key in (
-            "partition",
-            "account",
-            "qos",
-            "constraint",
-            "time",
-            "cpus_per_task",
-            "mem_gb",
-            "gpus_per_node",
-            "tasks_per_node",
-            "array_parallelism",
-        ):
+        for key in PROFILE_DEFAULTS:
             if getattr(self, key) is None and key in profile:
                 setattr(self, key, profile[key])
         self.extra = dict(profile.get("sbatch") or {})

@@ -51,11 +51,15 @@ def load_file(path: Path, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: check the path")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-        raise UserError(f"{what} {path} is not a readable torch file (not a torch.save archive): check or recreate it")
+        raise UserError(
+            f"{what} {path} is not a readable torch file (not a torch.save archive): check or recreate it"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        detail = next(
+            (line.strip() for line in str(e).splitlines() if "Unsupported global" in line), ""
+        )
         raise UserError(
             f"{what} {path} holds objects that a safe load refuses (weights_only=True): save a plain "
             f"state dict of tensors instead{f' ({detail})' if detail else ''}"

@@ -24,9 +24,10 @@ from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import Manifest, load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, load_encoder_state, model_signature
-from hpc_btunet.tracking import MODES, Tracker
+from hpc_btunet.tracking import Tracker
 from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, load_weights, save_checkpoint
 from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.losses import BceDiceLoss
 from hpc_btunet.train.metrics import SegmentationMetrics
 from hpc_btunet.train.preemption import PreemptionWatcher
@@ -40,13 +41,7 @@ EMPTY_RULE = (
 
 
 @dataclass
-class FinetuneConfig:
-    data: Path | None = option(None, "packed dataset (folder with manifest.json)")
-    model: str = option("unet", "model to fine-tune")
-    out: Path = option(
-        Path("experiments/default"),
-        "experiment folder; writes <out>/finetune/<model>/<bt|scratch>/fold-<k>/",
-    )
+class FinetuneConfig(JobConfig):
     fold: int = option(0, "validation fold (0-based) of the labelled subset")
     pretrained: Path | None = option(None, "encoder.pt from pretrain (omit: train from scratch)")
     epochs: int = option(50, "most epochs (early stopping usually ends sooner)")
@@ -54,24 +49,10 @@ class FinetuneConfig:
     lr: float = option(1e-3, "Adam learning rate (the paper: 1e-3)")
     lr_patience: int = option(3, "epochs without validation improvement before the lr is cut x0.1")
     patience: int = option(8, "epochs without validation improvement before stopping")
-    base_width: int = option(16, "channels of the model's first stage")
-    depth: int = option(4, "encoder stages (downsamplings)")
-    num_workers: int = option(0, "DataLoader worker processes")
-    seed: int = option(0, "seed of the initial weights and data order (the same for every fold)")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    wandb: str = option(
-        "offline", "Weights & Biases: offline (sync later), online or disabled", choices=MODES
-    )
-    project: str = option("hpc_btunet", "Weights & Biases project")
 
     def __post_init__(self) -> None:
-        if self.data is None:
-            raise UserError("--data is required: a packed dataset (see `hpc-btunet pack`)")
-        for name in ("epochs", "batch_size", "patience", "lr_patience"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise UserError("--lr must be positive")
+        super().__post_init__()
+        self.require_positive("epochs", "batch_size", "patience", "lr_patience")
 
     @property
     def variant(self) -> str:
@@ -83,7 +64,7 @@ class FinetuneConfig:
 
 def build_initial_model(cfg: FinetuneConfig, manifest: Manifest) -> nn.Module:
     """The model every fold starts from: seeded weights, then the pre-trained encoder if given."""
-    options = {"base_width": cfg.base_width, "depth": cfg.depth}
+    options = cfg.model_options()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_channels=manifest.channels, **options)
     check_input_size(model, manifest.image_size)

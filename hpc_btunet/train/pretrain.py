@@ -21,9 +21,10 @@ from hpc_btunet.data import load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, model_signature
 from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
-from hpc_btunet.tracking import MODES, Tracker
+from hpc_btunet.tracking import Tracker
 from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, save_checkpoint, save_weights
 from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
 from hpc_btunet.train.preemption import PreemptionWatcher
 from hpc_btunet.train.run import RunDir
@@ -34,12 +35,7 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
-class PretrainConfig:
-    data: Path | None = option(None, "packed dataset (folder with manifest.json)")
-    model: str = option("unet", "model whose encoder is pre-trained")
-    out: Path = option(
-        Path("experiments/default"), "experiment folder; this job writes <out>/pretrain/<model>/"
-    )
+class PretrainConfig(JobConfig):
     epochs: int | None = option(20, "epochs over the train split (ignored when --steps is set)")
     steps: int | None = option(None, "optimiser steps in total (overrides --epochs)")
     batch_size: int = option(32, "images per rank and step; the global batch is this x world size")
@@ -54,36 +50,22 @@ class PretrainConfig:
         None, "projector width (default: image size / 2, as in the paper)"
     )
     projector_layers: int = option(3, "projector linear layers")
-    base_width: int = option(16, "channels of the model's first stage")
-    depth: int = option(4, "encoder stages (downsamplings)")
     crop_scale: float = option(0.5, "views: smallest crop area, as a fraction of the image")
     rotation: float = option(90.0, "views: rotations are drawn from [-ROTATION, ROTATION] degrees")
     checkpoint_every: int = option(50, "steps between checkpoints (and one at the end)")
     log_every: int = option(10, "steps between log lines")
-    num_workers: int = option(0, "DataLoader worker processes per rank")
-    seed: int = option(0, "seed of the weights, data order and views")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
     verify: bool = option(False, "check every shard's sha256 before training")
-    wandb: str = option(
-        "offline", "Weights & Biases: offline (sync later), online or disabled", choices=MODES
-    )
-    project: str = option("hpc_btunet", "Weights & Biases project")
     dist_timeout: float = option(
         600.0, "seconds a collective may wait for a lost rank before the job fails"
     )
 
     def __post_init__(self) -> None:
-        if self.data is None:
-            raise UserError("--data is required: a packed dataset (see `hpc-btunet pack`)")
-        for name in ("batch_size", "checkpoint_every", "log_every", "projector_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        super().__post_init__()
+        self.require_positive("batch_size", "checkpoint_every", "log_every", "projector_layers")
         if self.steps is None and (self.epochs is None or self.epochs < 1):
             raise UserError("set --epochs (at least 1) or --steps")
-        if self.steps is not None and self.steps < 1:
-            raise UserError("--steps must be at least 1")
-        if self.lr <= 0:
-            raise UserError("--lr must be positive")
+        if self.steps is not None:
+            self.require_positive("steps")
 
     def run_dir(self) -> Path:
         return Path(self.out) / "pretrain" / self.model
@@ -112,7 +94,7 @@ def run(cfg: PretrainConfig) -> Path:
     rundir.is_main = engine.is_main
     manifest = load_manifest(cfg.data)
 
-    model_options = {"base_width": cfg.base_width, "depth": cfg.depth}
+    model_options = cfg.model_options()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_channels=manifest.channels, **model_options)
     check_input_size(model, manifest.image_size)

@@ -1,5 +1,7 @@
 """The launcher's checks, which run before anything is submitted (no SLURM needed here)."""
 
+from pathlib import Path
+
 import pytest
 
 from hpc_btunet.errors import UserError
@@ -135,10 +137,30 @@ def test_failed_job_prints_where_its_log_is(toy_pack, tmp_path, capsys):
     data, _ = toy_pack(n=40, image_size=32)
     garbage = tmp_path / "encoder.pt"
     garbage.write_bytes(b"not a torch file")
-    code = main(["finetune", "--data", str(data), "--out", str(tmp_path / "exp"), "--executor", "local",
-                 "--pretrained", str(garbage), "--base-width", "4", "--depth", "2", "--wait"])
+    code = main(
+        [
+            "finetune",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "exp"),
+            "--executor",
+            "local",
+            "--pretrained",
+            str(garbage),
+            "--base-width",
+            "4",
+            "--depth",
+            "2",
+            "--wait",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
-    assert "finetune job" in err and "(unet/bt/fold-0) failed" in err and "not a readable torch file" in err
+    assert (
+        "finetune job" in err
+        and "(unet/bt/fold-0) failed" in err
+        and "not a readable torch file" in err
+    )
     log = err.split("log: ")[1].split()[0]
-    assert "not a readable torch file" in open(log).read()
+    assert "not a readable torch file" in Path(log).read_text()

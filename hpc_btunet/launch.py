@@ -12,7 +12,6 @@ job id known), each with one message naming the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -130,7 +129,8 @@ class LaunchConfig:
     job_name: str | None = option(None, "job name (default: the stage)")
     array_parallelism: int | None = option(None, "array tasks running at once")
     sbatch: list[str] = field(
-        default_factory=list, metadata={"help": "any other sbatch option as KEY=VALUE (repeatable)"}
+        default_factory=list,
+        metadata={"help": "any other sbatch option: KEY=VALUE, or KEY for a flag (repeatable)"},
     )
     after: str | None = option(None, "start only after this SLURM job id succeeded (afterok)")
     wait: bool = option(False, "wait for the jobs and report their results")
@@ -150,11 +150,14 @@ class LaunchConfig:
             if getattr(self, key) is None and key in profile:
                 setattr(self, key, profile[key])
         self.extra = dict(profile.get("sbatch") or {})
-        for item in self.sbatch:
+        for item in self.sbatch:  # KEY=VALUE, or a bare KEY for a flag such as exclusive
             key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UserError(f"--sbatch {item!r} must be KEY=VALUE, e.g. --sbatch mail-type=END")
-            self.extra[key.strip().lstrip("-").replace("-", "_")] = value
+            key = key.strip().lstrip("-").replace("-", "_")
+            if not key:
+                raise UserError(
+                    f"--sbatch {item!r} must be KEY=VALUE or KEY, e.g. --sbatch mail-type=END"
+                )
+            self.extra[key] = value if sep else True
         self.setup = list(profile.get("setup") or [])
         self.gpus_per_node = self.gpus_per_node or 0
         self.tasks_per_node = self.tasks_per_node or max(1, self.gpus_per_node)
@@ -371,9 +374,3 @@ def _run_here(
         if running and not done:
             time.sleep(0.5)
     return jobs
-
-
-def replace(cfg: LaunchConfig, **changes: Any) -> LaunchConfig:
-    """A copy with ``changes`` (re-validated)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return LaunchConfig(**(fields | changes))

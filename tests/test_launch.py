@@ -35,7 +35,7 @@ def test_profile_defaults_and_limits(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text(
         "partition: gpu\ngpus_per_node: 4\nmax_nodes: 2\nmax_gpus_per_node: 4\ntime: '1-00:00:00'\n"
-        "accounts: [a, b]\nsbatch: {exclusive: ''}\n"
+        "accounts: [a, b]\nsbatch: {exclusive: true}\n"
     )
     cfg = LaunchConfig(executor="slurm", profile=str(profile), nodes=2, sbatch=["mail-type=END"])
     assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node, cfg.timeout_min) == (
@@ -44,7 +44,7 @@ def test_profile_defaults_and_limits(tmp_path):
         4,
         1440,
     )
-    assert cfg.extra == {"exclusive": "", "mail_type": "END"} and cfg.world_size == 8
+    assert cfg.extra == {"exclusive": True, "mail_type": "END"} and cfg.world_size == 8
     assert (
         LaunchConfig(executor="slurm", profile=str(profile), partition="big").partition == "big"
     )  # flags win
@@ -72,7 +72,7 @@ def test_local_executor_limits():
     with pytest.raises(UserError, match="--after needs --executor slurm"):
         LaunchConfig(executor="local", after="123")
     with pytest.raises(UserError, match="KEY=VALUE"):
-        LaunchConfig(executor="local", sbatch=["exclusive"])
+        LaunchConfig(executor="local", sbatch=["=x"])
 
 
 def test_slurm_executor_without_slurm(monkeypatch, tmp_path):
@@ -164,3 +164,23 @@ def test_failed_job_prints_where_its_log_is(toy_pack, tmp_path, capsys):
     )
     log = err.split("log: ")[1].split()[0]
     assert "not a readable torch file" in Path(log).read_text()
+
+
+def test_sbatch_script_matches_the_recorded_one(monkeypatch):
+    import hpc_btunet.launch as launch
+
+    monkeypatch.setattr(launch, "check_slurm_request", lambda cfg: None)
+    cfg = LaunchConfig(
+        executor="slurm",
+        profile="example-gpu",
+        nodes=4,
+        after="123",
+        sbatch=["mail-type=END"],
+        logs=Path("experiments/x/logs"),
+    )
+    executor = launch.make_executor(cfg, "pretrain")
+    text = executor._executor._make_submission_file_text(
+        "python -u -m submitit.core._submit FOLDER", "UID"
+    )
+    recorded = (Path(__file__).parent / "data" / "sbatch-example-gpu.txt").read_text()
+    assert text.replace(str(Path.cwd().resolve()), "<cwd>") == recorded

@@ -287,6 +287,8 @@ def _run_job(args) -> int:
     else:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
         outputs = [t.run_dir() / "metrics.json" for t in tasks]
+    for task in {(t.model, getattr(t, "fold", None)): t for t in tasks}.values():
+        task.preflight()
     labels = [
         f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"
         for t in tasks

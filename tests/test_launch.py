@@ -184,3 +184,20 @@ def test_sbatch_script_matches_the_recorded_one(monkeypatch):
     )
     recorded = (Path(__file__).parent / "data" / "sbatch-example-gpu.txt").read_text()
     assert text.replace(str(Path.cwd().resolve()), "<cwd>") == recorded
+
+
+@pytest.mark.parametrize(
+    "job,args,message",
+    [
+        ("pretrain", ["--data", "missing"], "no packed dataset at missing"),
+        ("pretrain", ["--model", "vnet"], "unknown model 'vnet'"),
+        ("pretrain", ["--depth", "6"], "not divisible by 64"),
+        ("finetune", ["--fold", "7"], "fold 7 is out of range"),
+    ],
+)
+def test_mistakes_stop_before_anything_is_submitted(toy_pack, tmp_path, capsys, job, args, message):
+    data, _ = toy_pack(n=40, image_size=32)
+    argv = [job, "--data", str(data), "--out", str(tmp_path / "exp"), "--executor", "local", *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists(), "no job was started, no folder written"

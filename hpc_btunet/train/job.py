@@ -43,3 +43,16 @@ class JobConfig:
 
     def model_options(self) -> dict:
         return {"base_width": self.base_width, "depth": self.depth}
+
+    def preflight(self) -> None:
+        """The checks a job would fail on at its start (dataset, model, image size), made before
+        it is submitted, so that a mistake costs no queue time."""
+        from hpc_btunet.data import load_manifest
+        from hpc_btunet.models import build_model, check_input_size
+
+        manifest = load_manifest(self.data)
+        model = build_model(self.model, in_channels=manifest.channels, **self.model_options())
+        check_input_size(model, manifest.image_size)
+        fold = getattr(self, "fold", None)
+        if fold is not None:
+            manifest.fold_keys(fold)

@@ -163,3 +163,46 @@ def test_usr2_checkpoints_requeues_and_resumes(data, tmp_path):
         json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps_logged == list(range(1, steps + 1)), "the step counter continues where it stopped"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--partition", "gpu"],
+            "--partition 'gpu' is unknown to this cluster: choose one of debug",
+        ),
+        (["--after", "999999"], "--after 999999: SLURM knows no job with this id"),
+        (
+            ["--profile", "local", "--nodes", "3"],
+            "--nodes 3 is more than the cluster profile allows (2)",
+        ),
+        (["--time", "2h"], "--time '2h' is not a SLURM time"),
+    ],
+)
+def test_requests_slurm_cannot_satisfy_stop_before_submission(data, tmp_path, args, message):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_btunet.submit",
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--executor",
+            "slurm",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert (
+        subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+        == before
+    )

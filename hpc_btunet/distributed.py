@@ -75,19 +75,22 @@ def _port_for(job_id: str) -> int:
     return random.Random(job_id).randint(20000, 60000)
 
 
+PLACEMENT_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
 def detect_placement() -> Placement:
-    """Read this process's rank and rendezvous from its environment (see the module docstring)."""
+    """Read this process's rank and rendezvous from its environment (see the module docstring).
+
+    Inside a submitit job, submitit's view wins over stray torchrun variables (a job inherits the
+    environment of the shell that submitted it)."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Placement(
-            int(env["RANK"]),
-            int(env["WORLD_SIZE"]),
-            int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", 1)),
-            env.get("MASTER_ADDR", "127.0.0.1"),
-            int(env.get("MASTER_PORT", 29500)),
-            "torchrun",
-        )
     if env.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
         import submitit
 
@@ -99,10 +102,20 @@ def detect_placement() -> Placement:
             job.local_rank,
             tasks_per_node,
             job.hostnames[0],
-            int(env.get("MASTER_PORT", _port_for(str(job.job_id)))),
+            _port_for(str(job.job_id)),
             f"submitit-{env['SUBMITIT_EXECUTOR']}",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Placement(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         nodes = subprocess.run(
             ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
             capture_output=True,
@@ -127,7 +140,8 @@ def init_process_group(use_cuda: bool, timeout_s: float = 600.0) -> Placement:
     Idempotent: a process group already initialised is kept.
     """
     placement = detect_placement()
-    placement.export()
+    if placement.world_size > 1:  # a single process leaves its environment alone
+        placement.export()
     if placement.world_size > 1 and not is_distributed():
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",

@@ -26,6 +26,7 @@ import submitit
 import yaml
 
 from hpc_btunet.config import option
+from hpc_btunet.distributed import PLACEMENT_VARIABLES
 from hpc_btunet.errors import UserError
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -229,7 +230,7 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
         return submitit.DebugExecutor(folder=folder)
     if cfg.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
-        setup = (
+        setup = [f"unset {' '.join(PLACEMENT_VARIABLES)}"] + (
             [f"export OMP_NUM_THREADS={cfg.threads} MKL_NUM_THREADS={cfg.threads}"]
             if cfg.threads
             else []
@@ -245,7 +246,9 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
         "nodes": cfg.nodes,
         "tasks_per_node": cfg.tasks_per_node,
         "timeout_min": cfg.timeout_min,
-        "slurm_setup": cfg.setup
+        # the job's placement comes from SLURM, never from the submitting shell's variables
+        "slurm_setup": [f"unset {' '.join(PLACEMENT_VARIABLES)}"]
+        + cfg.setup
         + ([f"export OMP_NUM_THREADS={cfg.threads}"] if cfg.threads else []),
     }
     optional = {

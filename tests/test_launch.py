@@ -201,3 +201,15 @@ def test_mistakes_stop_before_anything_is_submitted(toy_pack, tmp_path, capsys, 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "exp").exists(), "no job was started, no folder written"
+
+
+def test_single_process_run_leaves_the_environment_alone(monkeypatch):
+    from hpc_btunet.distributed import PLACEMENT_VARIABLES, init_process_group
+
+    for name in PLACEMENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    placement = init_process_group(use_cuda=False)
+    assert placement.world_size == 1
+    assert not any(name in __import__("os").environ for name in PLACEMENT_VARIABLES), (
+        "jobs submitted later from this process would inherit a wrong placement"
+    )

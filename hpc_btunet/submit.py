@@ -287,7 +287,7 @@ def _run_job(args) -> int:
     else:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
         outputs = [t.run_dir() / "metrics.json" for t in tasks]
-    for task in {(t.model, getattr(t, "fold", None)): t for t in tasks}.values():
+    for task in {t.model: t for t in tasks}.values():  # fold ranges were checked with the tasks
         task.preflight()
     labels = [
         f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 from hpc_btunet.atomic import atomic_open
@@ -71,11 +70,6 @@ class Tracker:
             config=_public(config),
             settings=wandb.Settings(console="off", silent=True),
         )
-
-    @property
-    def run_path(self) -> Path | None:
-        """The wandb run folder (``.../wandb/offline-run-*``), if a run is open."""
-        return Path(self.run.dir).parent if self.run is not None else None
 
     def log(self, record: dict[str, Any], step: int) -> None:
         self.rundir.log({"step": step, **record})

@@ -61,10 +61,6 @@ class Manifest:
                 "folds": [len(f) for f in self.folds],
             }
 
-    @property
-    def has_masks(self) -> bool:
-        return len(self.unlabelled) < self.counts["total"]
-
     def shards_of(self, split: str) -> list[ShardInfo]:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -96,8 +97,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _check_keys(entries: list[Entry]) -> None:
     bad = [e.key for e in entries if not _KEY_PATTERN.match(e.key)]
-    seen: set[str] = set()
-    dup = sorted({e.key for e in entries if e.key in seen or seen.add(e.key)})
+    dup = sorted(k for k, n in Counter(e.key for e in entries).items() if n > 1)
     problems = []
     if bad:
         problems.append(f"keys with characters outside [A-Za-z0-9_-]: {', '.join(bad[:20])}")

@@ -83,10 +83,3 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_log, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def read_log(self) -> list[dict[str, Any]]:
-        if not self.metrics_log.exists():
-            return []
-        return [
-            json.loads(line) for line in self.metrics_log.read_text().splitlines() if line.strip()
-        ]

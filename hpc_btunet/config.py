@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,8 +24,47 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with its help text (and optional ``choices``)."""
+    """A dataclass field with its help text and optional constraints, checked by
+    :func:`check_values`: ``choices``, ``min`` (inclusive), ``above`` (exclusive lower bound),
+    ``max`` (inclusive). ``identity=False`` marks an option that cannot change a run's result
+    (where it runs, how often it logs): it is left out of the run's identity."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _bounds(meta: dict) -> str:
+    parts = []
+    if "above" in meta:
+        parts.append(f"> {meta['above']}")
+    if "min" in meta:
+        parts.append(f">= {meta['min']}")
+    if "max" in meta:
+        parts.append(f"<= {meta['max']}")
+    return " and ".join(parts)
+
+
+def check_values(cfg: Any) -> None:
+    """Check every field of the dataclass ``cfg`` against its constraints: floats finite, numbers
+    within their bounds, choices respected. Raises one ``UserError`` naming the option."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        flag = _flag(f.name)
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(
+                f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}"
+            )
+        if not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+        low, above, high = meta.get("min"), meta.get("above"), meta.get("max")
+        if (
+            (low is not None and value < low)
+            or (above is not None and value <= above)
+            or (high is not None and value > high)
+        ):
+            raise UserError(f"{flag} must be {_bounds(meta)}, got {value}")
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -74,6 +114,8 @@ def add_arguments(
             kw["type"] = str if tp is Path else tp
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+        bounds = _bounds(f.metadata)
+        help_text += f" ({bounds})" if bounds else ""
         parser.add_argument(_flag(f.name), help=f"{help_text} (default: {default})", **kw)
 
 
@@ -105,11 +147,7 @@ def from_dict(cls: type[T], values: dict[str, Any], origin: str = "config") -> T
         )
     kwargs = {}
     for name, value in values.items():
-        f, tp, opt = fields[name]
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise UserError(
-                f"{name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}"
-            )
+        _, tp, opt = fields[name]
         kwargs[name] = _coerce(cls, name, value, tp, opt)
     return cls(**kwargs)
 

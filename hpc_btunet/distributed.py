@@ -27,14 +27,19 @@ import datetime
 import os
 import random
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+T = TypeVar("T")
+
 __all__ = [
     "Placement",
+    "main_decides",
     "all_gather_cat",
     "all_reduce_sum",
     "detect_placement",
@@ -172,6 +177,32 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes in the default group, 1 when not distributed."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def main_decides(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank; if it raises a ``UserError``
+    every rank raises one with the same message (any other exception: a ``RuntimeError`` naming
+    it), so all ranks stop together with the real cause instead of some waiting at the next
+    collective. Single process: just ``fn()``."""
+    from hpc_btunet.errors import UserError
+
+    if world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            box[0] = ("error" if isinstance(e, UserError) else "bug", f"{e}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    outcome, value = box[0]
+    if outcome == "error":
+        raise UserError(value)
+    if outcome == "bug":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 _MAX_DIMS = 15

@@ -15,8 +15,11 @@ float32 at least. With the collectives' summing backward, the input and paramete
 exactly those of the global batch: summed over ranks for the sum of the per-rank losses, or, with
 DDP's averaging, for their mean (see :mod:`hpc_btunet.distributed`).
 
-In eval mode (with running statistics), when not distributed or on a single rank, the layer runs
-``nn.BatchNorm``'s own code path unchanged.
+Like ``nn.SyncBatchNorm``, the layer synchronises only in training mode: in eval mode, when not
+distributed or on a single rank, it runs ``nn.BatchNorm``'s own code path unchanged and calls no
+collective. So in eval mode it normalises with the running statistics, or, for a layer without
+them (``track_running_stats=False``), with the statistics of the local batch, as ``nn.BatchNorm``
+does; an evaluation on one rank only (validation on the main rank) cannot wait for the others.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class GlobalBatchNorm(_BatchNorm):
     """``nn.BatchNorm`` whose training statistics span every rank of the default process group.
 
     Accepts inputs of shape ``(N, C, *)`` (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...);
-    the constructor arguments are those of ``nn.BatchNorm2d``.
+    the constructor arguments are those of ``nn.BatchNorm2d``. In eval mode it is exactly
+    ``nn.BatchNorm`` on the local input: every rank may run it alone.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -44,8 +48,7 @@ class GlobalBatchNorm(_BatchNorm):
             raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
 
     def forward(self, input: Tensor) -> Tensor:
-        uses_batch_stats = self.training or self.running_mean is None
-        if not uses_batch_stats or world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(input)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
@@ -77,7 +80,7 @@ class GlobalBatchNorm(_BatchNorm):
         centred = xf - mean.view(stat_shape)
         var = all_reduce_sum(centred.square().sum(dims)) / count.to(dtype)  # biased
 
-        if self.training and self.track_running_stats:
+        if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count)
 
         out = centred * torch.rsqrt(var + self.eps).view(stat_shape)

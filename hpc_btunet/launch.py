@@ -25,9 +25,10 @@ from typing import Any
 import submitit
 import yaml
 
-from hpc_btunet.config import option
+from hpc_btunet.config import check_values, option
 from hpc_btunet.distributed import PLACEMENT_VARIABLES
-from hpc_btunet.errors import UserError
+from hpc_btunet.errors import UserError, as_user_error
+from hpc_btunet.processes import JobWatchdog, owner_environment, report_failure
 
 EXECUTORS = ("slurm", "local", "debug")
 PROFILE_DIRS = (
@@ -115,20 +116,20 @@ class LaunchConfig:
         None,
         "cluster profile: a YAML file or a name under slurm/profiles/ (env HPC_BTUNET_PROFILE)",
     )
-    nodes: int = option(1, "nodes per job")
+    nodes: int = option(1, "nodes per job", min=1)
     tasks_per_node: int | None = option(
-        None, "processes per node (default: GPUs per node, or 1 without GPUs)"
+        None, "processes per node (default: GPUs per node, or 1 without GPUs)", min=1
     )
-    gpus_per_node: int | None = option(None, "GPUs per node")
-    cpus_per_task: int | None = option(None, "CPU cores per process")
-    mem_gb: float | None = option(None, "memory per node in GB")
+    gpus_per_node: int | None = option(None, "GPUs per node", min=0)
+    cpus_per_task: int | None = option(None, "CPU cores per process", min=1)
+    mem_gb: float | None = option(None, "memory per node in GB", above=0)
     time: str | None = option(None, "time limit: minutes, H:M:S or D-H:M:S (default 60)")
     partition: str | None = option(None, "SLURM partition")
     account: str | None = option(None, "SLURM account")
     qos: str | None = option(None, "SLURM quality of service")
     constraint: str | None = option(None, "SLURM node constraint")
     job_name: str | None = option(None, "job name (default: the stage)")
-    array_parallelism: int | None = option(None, "array tasks running at once")
+    array_parallelism: int | None = option(None, "array tasks running at once", min=1)
     sbatch: list[str] = field(
         default_factory=list,
         metadata={"help": "any other sbatch option: KEY=VALUE, or KEY for a flag (repeatable)"},
@@ -138,7 +139,7 @@ class LaunchConfig:
     logs: Path = field(
         default=Path("experiments/logs"), metadata={"help": "folder of the jobs' logs"}
     )
-    threads: int | None = field(default=None, metadata={"help": "torch threads per task"})
+    threads: int | None = option(None, "torch threads per task", min=1)
 
     def __post_init__(self) -> None:
         self.executor = self.executor or default_executor()
@@ -163,8 +164,7 @@ class LaunchConfig:
         self.gpus_per_node = self.gpus_per_node or 0
         self.tasks_per_node = self.tasks_per_node or max(1, self.gpus_per_node)
         self.timeout_min = parse_slurm_time(str(self.time or 60))
-        if self.nodes < 1 or self.tasks_per_node < 1:
-            raise UserError("--nodes and --tasks-per-node must be at least 1")
+        check_values(self)
         limits = {
             "nodes": (self.nodes, profile.get("max_nodes")),
             "gpus-per-node": (self.gpus_per_node, profile.get("max_gpus_per_node")),
@@ -224,17 +224,24 @@ def check_slurm_request(cfg: LaunchConfig) -> None:
                 )
 
 
-def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
+def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor | None:
+    """The submitit executor of ``cfg``; None for ``debug``, which runs jobs in this process."""
     folder = Path(cfg.logs) / stage / "%j"  # submitit writes array tasks as <array id>_<task>
     if cfg.executor == "debug":
-        return submitit.DebugExecutor(folder=folder)
+        return None
+    # jobs take their placement from SLURM/submitit, never from the submitting shell's variables
+    unset = f"unset {' '.join(PLACEMENT_VARIABLES)}"
+    threads = [f"export OMP_NUM_THREADS={cfg.threads} MKL_NUM_THREADS={cfg.threads}"]
     if cfg.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
-        setup = [f"unset {' '.join(PLACEMENT_VARIABLES)}"] + (
-            [f"export OMP_NUM_THREADS={cfg.threads} MKL_NUM_THREADS={cfg.threads}"]
-            if cfg.threads
-            else []
-        )
+        owner = " ".join(f"{k}={v}" for k, v in owner_environment().items())
+        setup = [
+            unset,
+            # Ctrl-C reaches the whole foreground process group: the command alone handles it
+            # and stops its process tree, so that no job prints a traceback into the terminal
+            "trap '' INT",
+            f"export {owner}",
+        ] + (threads if cfg.threads else [])
         executor.update_parameters(
             timeout_min=cfg.timeout_min, tasks_per_node=cfg.tasks_per_node, setup=setup
         )
@@ -246,10 +253,10 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
         "nodes": cfg.nodes,
         "tasks_per_node": cfg.tasks_per_node,
         "timeout_min": cfg.timeout_min,
-        # the job's placement comes from SLURM, never from the submitting shell's variables
-        "slurm_setup": [f"unset {' '.join(PLACEMENT_VARIABLES)}"]
-        + cfg.setup
-        + ([f"export OMP_NUM_THREADS={cfg.threads}"] if cfg.threads else []),
+        "slurm_setup": [unset] + cfg.setup + (threads[:1] if cfg.threads else []),
+        # one rank that exits with an error (or is killed) ends the whole step at once, instead
+        # of leaving the others waiting in a collective for --dist-timeout
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {
         "gpus_per_node": cfg.gpus_per_node or None,
@@ -271,30 +278,90 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor:
 class Job:
     """A submitit callable: runs ``fn(cfg)``; on SLURM's warning signal submitit calls
     ``checkpoint``, which resubmits the same call. The job then resumes from its own checkpoint,
-    since its output folder is its identity."""
+    since its output folder is its identity.
+
+    Inside a job it also supervises: a local job watches its command and sibling ranks
+    (:class:`~hpc_btunet.processes.JobWatchdog`), a failing rank names its error in the main
+    log, and a user-caused ``OSError`` (full disk, no permission) becomes one clear message."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
 
     def __call__(self, cfg: Any) -> Any:
-        return self.fn(cfg)
+        env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
+        if env is not None and os.environ["SUBMITIT_EXECUTOR"] == "local":
+            JobWatchdog(env.paths.folder, str(env.job_id), env.global_rank, env.num_tasks)
+        try:
+            return self.fn(cfg)
+        except Exception as e:
+            if env is not None and env.num_tasks > 1 and env.global_rank != 0:
+                main_log = submitit.core.utils.JobPaths(env.paths.folder, env.job_id, 0).stderr
+                report_failure(main_log, env.global_rank, e, env.paths.stderr)
+            user = as_user_error(e)
+            if user is not None and user is not e:
+                raise user from e
+            raise
 
     def checkpoint(self, cfg: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(Job(self.fn), cfg)
 
 
-def _result(job: submitit.Job, label: str) -> Any:
-    if isinstance(job, submitit.DebugJob):
-        return job.result()  # in-process: the job's own exception propagates
-    try:
-        return job.result()
-    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
-        tail = [line for line in str(e).splitlines() if line.strip()]
-        reason = next(
-            (line for line in reversed(tail) if "Error" in line or "error" in line),
-            tail[-1] if tail else "",
-        )
-        raise UserError(f"{label} failed: {reason.strip()}\n  log: {job.paths.stderr}") from None
+_DASHES = re.compile(r"^-{10,}$", re.MULTILINE)
+
+
+def failure_reason(error: Exception) -> str:
+    """The final exception of a failed job's traceback (a toolkit error: its message alone), or,
+    for a job that produced no result, the line a failing rank wrote or the log's last line."""
+    text = str(error)
+    if isinstance(error, submitit.core.utils.FailedJobError):
+        body = _DASHES.split(text)[1] if len(_DASHES.split(text)) > 2 else text
+        last = body.rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
+        exc = [line for line in last if line.strip()]
+        start = next((i for i, line in enumerate(exc) if not line.startswith(" ")), 0)
+        lines = exc[start:]
+        head, sep, message = (lines[0] if lines else "").partition(": ")
+        if sep and head.startswith("hpc_btunet."):
+            return "\n".join([message, *lines[1:]]).strip()
+        return "\n".join(lines).strip()
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("---")
+    ]
+    ours = [line for line in lines if line.startswith("hpc-btunet: ")]
+    return (ours or lines or ["no output"])[-1].removeprefix("hpc-btunet: ")
+
+
+def _result(job: submitit.Job, label: str) -> list:
+    """Wait for every task of ``job``; on failure raise one ``UserError`` with the root cause: a
+    task's own error before the "no result" of tasks stopped because of it."""
+    tasks = [job] if job.num_tasks == 1 else [job.task(k) for k in range(job.num_tasks)]
+    results, failures = [], []
+    for k, task in enumerate(tasks):
+        try:
+            results.append(task.result())
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+            failures.append((k, task, e))
+    if not failures:
+        return results
+    failed = submitit.core.utils.FailedJobError
+    k, task, error = next((f for f in failures if isinstance(f[2], failed)), failures[0])
+    where = f" (rank {k})" if len(tasks) > 1 else ""
+    raise UserError(
+        f"{label} failed{where}: {failure_reason(error)}\n  log: {task.paths.stderr}"
+    ) from None
+
+
+def _check_run_folders(
+    cfg: LaunchConfig, configs: Sequence, labels: Sequence[str], stage: str
+) -> list[int]:
+    """Indices of the configs still to run; complete ones are announced and skipped. A folder
+    being written, or started with other options, stops the submission (``UserError``)."""
+    todo = []
+    for i, c in enumerate(configs):
+        if c.check_run_folder(cfg.world_size):
+            print(f"{stage}: {labels[i]} is complete ({c.result_file()}), skipped")
+        else:
+            todo.append(i)
+    return todo
 
 
 def submit(
@@ -303,16 +370,20 @@ def submit(
     fn: Callable,
     configs: Sequence,
     labels: Sequence[str],
-    outputs: Sequence[Path],
     parallel: int = 1,
-) -> list[submitit.Job]:
-    """Submit ``fn(c)`` for each config (one SLURM array when several), print what was submitted,
-    and with ``--wait`` wait and return. Configs whose output is already complete are skipped."""
-    todo = [i for i, out in enumerate(outputs) if not Path(out).exists()]
-    for i in set(range(len(configs))) - set(todo):
-        print(f"{stage}: {labels[i]} is complete ({outputs[i]}), skipped")
+) -> list:
+    """Submit ``fn(c)`` for each job config (one SLURM array when several), print what was
+    submitted, and with ``--wait`` wait and return. Configs whose run is complete are skipped;
+    see :meth:`hpc_btunet.train.job.JobConfig.check_run_folder` for what stops a submission."""
+    todo = _check_run_folders(cfg, configs, labels, stage)
     if not todo:
         return []
+    if cfg.executor == "debug":
+        results = []
+        for i in todo:
+            print(f"{stage}: running {labels[i]} in this process (debug executor)")
+            results.append(Job(fn)(configs[i]))
+        return results
     array = len(todo) > 1 and cfg.executor == "slurm"
     executor = make_executor(cfg, stage)
     job_fn = Job(fn)
@@ -327,7 +398,7 @@ def submit(
         )
         for i, job in zip(todo, jobs, strict=True):
             print(
-                f"  {job.job_id}  {labels[i]}  log {job.paths.stdout}  output {Path(outputs[i]).parent}"
+                f"  {job.job_id}  {labels[i]}  log {job.paths.stdout}  output {configs[i].run_dir()}"
             )
         if cfg.wait:
             for i, job in zip(todo, jobs, strict=True):
@@ -338,7 +409,6 @@ def submit(
         return jobs
     return _run_here(
         executor,
-        cfg,
         stage,
         job_fn,
         [configs[i] for i in todo],
@@ -348,16 +418,10 @@ def submit(
 
 
 def _run_here(
-    executor,
-    cfg: LaunchConfig,
-    stage: str,
-    fn: Callable,
-    configs: list,
-    labels: list[str],
-    parallel: int,
+    executor, stage: str, fn: Callable, configs: list, labels: list[str], parallel: int
 ) -> list:
-    """Local and debug executors: run at most ``parallel`` jobs at once on this machine and wait
-    (local jobs are child processes of this command)."""
+    """The local executor: run at most ``parallel`` jobs at once on this machine and wait (the
+    jobs are child processes of this command; the command line stops them if it is stopped)."""
     jobs: list = [None] * len(configs)
     running: list[int] = []
     pending = list(range(len(configs)))
@@ -366,11 +430,10 @@ def _run_here(
             i = pending.pop(0)
             jobs[i] = executor.submit(fn, configs[i])
             print(
-                f"{stage}: started {labels[i]} as {cfg.executor} job {jobs[i].job_id}; log: {jobs[i].paths.stdout}"
+                f"{stage}: started {labels[i]} as local job {jobs[i].job_id}; log: {jobs[i].paths.stdout}"
             )
             running.append(i)
-        # a debug job runs in-process when its result is asked for, so it counts as done at once
-        done = [i for i in running if isinstance(jobs[i], submitit.DebugJob) or jobs[i].done()]
+        done = [i for i in running if jobs[i].done()]
         for i in done:
             running.remove(i)
             _result(jobs[i], f"{stage} job {jobs[i].job_id} ({labels[i]})")

@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_btunet.config import option
+from hpc_btunet.config import check_values, option
 from hpc_btunet.data.manifest import MANIFEST_NAME, load_manifest
+from hpc_btunet.data.splits import SplitConfig
 from hpc_btunet.errors import UserError
 from hpc_btunet.launch import LaunchConfig, submit
-from hpc_btunet.models import list_models
+from hpc_btunet.models import build_model, check_input_size, list_models
 from hpc_btunet.report import write_report
 from hpc_btunet.train import finetune, pretrain
 
@@ -27,16 +28,18 @@ class DemoConfig:
         Path("shards/demo"), "where the built-in dataset is packed (reused if complete)"
     )
     models: str = option("unet", "comma-separated model names, or 'all'")
-    num_images: int = option(300, "synthetic images to pack")
-    image_size: int = option(64, "image size (divisible by 2^depth)")
-    folds: int = option(5, "cross-validation folds")
-    labelled_fraction: float = option(0.2, "labelled share of the train split")
-    pretrain_epochs: int = option(40, "pre-training epochs")
-    pretrain_batch_size: int = option(16, "pre-training batch size")
-    pretrain_lr: float = option(1e-3, "pre-training learning rate")
-    finetune_epochs: int = option(30, "most fine-tuning epochs (early stopping may end sooner)")
-    finetune_batch_size: int = option(8, "fine-tuning batch size")
-    patience: int = option(6, "early-stopping patience (epochs)")
+    num_images: int = option(300, "synthetic images to pack", min=1)
+    image_size: int = option(64, "image size (a size every model takes: see docs/models.md)")
+    folds: int = option(5, "cross-validation folds", min=2)
+    labelled_fraction: float = option(0.2, "labelled share of the train split", above=0, max=1)
+    pretrain_epochs: int = option(40, "pre-training epochs", min=1)
+    pretrain_batch_size: int = option(16, "pre-training batch size", min=2)
+    pretrain_lr: float = option(1e-3, "pre-training learning rate", above=0)
+    finetune_epochs: int = option(
+        30, "most fine-tuning epochs (early stopping may end sooner)", min=1
+    )
+    finetune_batch_size: int = option(8, "fine-tuning batch size", min=1)
+    patience: int = option(6, "early-stopping patience (epochs)", min=1)
     executor: str = option(
         "local", "local (processes) or debug (in-process)", choices=("local", "debug")
     )
@@ -45,9 +48,15 @@ class DemoConfig:
         "Weights & Biases: offline (synced later with `wandb sync`), online or disabled",
         choices=("offline", "online", "disabled"),
     )
-    parallel: int = option(2, "fine-tuning jobs running at once")
-    threads: int = option(1, "torch threads per job")
+    parallel: int = option(2, "fine-tuning jobs running at once", min=1)
+    threads: int = option(1, "torch threads per job", min=1)
     seed: int = option(0, "seed of data, weights and views")
+
+    def __post_init__(self) -> None:
+        check_values(self)
+        for name in ("out", "data"):
+            if Path(getattr(self, name)).is_file():
+                raise UserError(f"--{name} {getattr(self, name)} is a file: choose a folder")
 
     def model_names(self) -> list[str]:
         known = list_models()
@@ -66,7 +75,6 @@ class DemoConfig:
 
 def _pack_demo_data(cfg: DemoConfig) -> None:
     from hpc_btunet.data.pack import PackConfig, pack
-    from hpc_btunet.data.splits import SplitConfig
     from hpc_btunet.data.synthetic import SyntheticSource
 
     wanted = {"num_images": cfg.num_images, "seed": cfg.seed}
@@ -95,10 +103,24 @@ def _pack_demo_data(cfg: DemoConfig) -> None:
     )
 
 
+def _check_sizes(cfg: DemoConfig, models: list[str]) -> None:
+    """What the jobs would refuse after the dataset is packed, refused before."""
+    for name in models:
+        check_input_size(build_model(name, in_channels=1), cfg.image_size)
+    train = cfg.num_images - round(SplitConfig().test_fraction * cfg.num_images)
+    if train < cfg.pretrain_batch_size:
+        raise UserError(
+            f"--num-images {cfg.num_images} leaves {train} training images, fewer than one "
+            f"pre-training batch (--pretrain-batch-size {cfg.pretrain_batch_size}): pack more "
+            "images or lower the batch size"
+        )
+
+
 def demo(cfg: DemoConfig) -> str:
     """Run the whole demo; returns the Markdown table."""
     start = time.perf_counter()
     models = cfg.model_names()
+    _check_sizes(cfg, models)
     _pack_demo_data(cfg)
     logs = Path(cfg.out) / "logs"
     # pre-training gets the whole machine: one job at a time, all threads
@@ -120,14 +142,7 @@ def demo(cfg: DemoConfig) -> str:
         )
         for m in models
     ]
-    submit(
-        launch,
-        "pretrain",
-        pretrain.run,
-        pre_cfgs,
-        models,
-        [c.run_dir() / "encoder.pt" for c in pre_cfgs],
-    )
+    submit(launch, "pretrain", pretrain.run, pre_cfgs, models)
     print(f"demo: pre-training done after {time.perf_counter() - start:.0f} s")
 
     fine_cfgs = [
@@ -150,15 +165,7 @@ def demo(cfg: DemoConfig) -> str:
     ]
     labels = [f"{c.model}/{c.variant}/fold-{c.fold}" for c in fine_cfgs]
     launch = LaunchConfig(executor=cfg.executor, logs=logs, threads=cfg.threads, time="2:00:00")
-    submit(
-        launch,
-        "finetune",
-        finetune.run,
-        fine_cfgs,
-        labels,
-        [c.run_dir() / "metrics.json" for c in fine_cfgs],
-        parallel=cfg.parallel,
-    )
+    submit(launch, "finetune", finetune.run, fine_cfgs, labels, parallel=cfg.parallel)
     table, folder = write_report(cfg.out)
     wall = time.perf_counter() - start
     print(

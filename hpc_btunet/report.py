@@ -28,13 +28,38 @@ DISPLAY_NAMES = {
 COLUMNS = (("precision", "Pr"), ("dice", "DC"), ("iou", "IoU"))
 
 
+def _read_result(path: Path) -> dict:
+    """One fold's ``metrics.json``, refused with the file's name when it is not one."""
+    fix = (
+        "remove it and run that fold again (`hpc-btunet finetune ... --fold K` skips the "
+        "folds that are complete)"
+    )
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
+    try:
+        ok = isinstance(result["model"], str) and result["variant"] in ("bt", "scratch")
+        for aggregate in ("mean", "pooled"):
+            ok = ok and all(isinstance(result["test"][aggregate][m], float) for m, _ in COLUMNS)
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a fine-tuning result (fields missing or mistyped): {fix}")
+    return result
+
+
 def collect(experiment: Path) -> list[dict]:
+    if not Path(experiment).is_dir():
+        raise UserError(
+            f"--experiment {experiment} is not a folder: pass the --out folder of the jobs"
+        )
     files = sorted(Path(experiment).glob("finetune/*/*/fold-*/metrics.json"))
     if not files:
         raise UserError(
             f"no fine-tuning results under {experiment}/finetune/: run `hpc-btunet finetune` (or `demo`) first"
         )
-    return [json.loads(f.read_text()) for f in files]
+    return [_read_result(f) for f in files]
 
 
 def summarise(results: list[dict], aggregate: str = "mean") -> list[dict]:

@@ -1,7 +1,10 @@
 """The command line: ``hpc-btunet COMMAND`` or ``python -m hpc_btunet.submit COMMAND``.
 
 Parses, dispatches to the part of the package that does the work, and prints what happened.
-Errors a user can cause print one message (no traceback) and exit with status 2.
+:func:`main` is the one place where errors meet the user: a ``UserError`` (or an ``OSError`` a
+user can act on, see :func:`hpc_btunet.errors.as_user_error`) prints one ``error:`` line and
+exits with status 2; anything else is a bug and keeps its traceback. Ctrl-C, SIGTERM and SIGHUP
+stop the command together with every process it started (local jobs and their workers).
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ import time
 from pathlib import Path
 
 from hpc_btunet import __version__
-from hpc_btunet.errors import UserError
+from hpc_btunet.errors import UserError, as_user_error
+from hpc_btunet.processes import Interrupted, stop_descendants, terminating_signals_interrupt
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each option's default once: options built from a config already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _human_bytes(n: int) -> str:
@@ -283,17 +293,15 @@ def _run_job(args) -> int:
     launch = resolve(LaunchConfig, args, others=(args.config_class,), logs=Path(cfg.out) / "logs")
     if args.job == "pretrain":
         tasks, fn = [cfg], pretrain.run
-        outputs = [cfg.run_dir() / "encoder.pt"]
     else:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
-        outputs = [t.run_dir() / "metrics.json" for t in tasks]
-    for task in {t.model: t for t in tasks}.values():  # fold ranges were checked with the tasks
-        task.preflight()
+    for task in tasks:
+        task.preflight(launch.world_size)
     labels = [
         f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"
         for t in tasks
     ]
-    submit(launch, args.job, fn, tasks, labels, outputs)
+    submit(launch, args.job, fn, tasks, labels)
     return 0
 
 
@@ -328,16 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped(command: str, why: str, code: int) -> int:
+    stopped = stop_descendants()
+    what = f"; stopped {len(stopped)} process(es) it had started" if stopped else ""
+    print(
+        f"hpc-btunet {command}: {why}{what}. Rerun the same command to resume.",
+        file=sys.stderr,
+    )
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except UserError as e:
-        print(f"hpc-btunet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with terminating_signals_interrupt():
+            return args.func(args)
     except KeyboardInterrupt:
-        print(f"hpc-btunet {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _stopped(args.command, "interrupted", 130)
+    except Interrupted as e:
+        return _stopped(args.command, f"terminated by {e}", 128 + e.signum)
+    except Exception as e:
+        user = as_user_error(e)
+        if user is None:
+            raise
+        print(f"hpc-btunet {args.command}: error: {user}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def toy_index(key: str) -> int:
     return int(key.split("-")[1])
 
 
+def flip_sample_byte(data, manifest, key: str, into: int = 40) -> None:
+    """Flip one byte ``into`` bytes into the first member's payload of sample ``key`` (after its
+    512-byte tar header), leaving the shard's size and every header intact."""
+    shard = next(s for s in manifest.shards if key in s.keys)
+    where = shard.offsets[shard.keys.index(key)] + 512 + into
+    path = data / shard.name
+    raw = bytearray(path.read_bytes())
+    raw[where] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 @pytest.fixture
 def toy_pack(tmp_path):
     """Pack a ToySource; returns ``(out_dir, manifest)``. Call with keyword overrides."""

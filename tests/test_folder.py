@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +282,125 @@ def test_long_lists_are_cut(tmp_path: Path) -> None:
     assert f"missing mask ({MAX_LISTED + 7})" in message
     assert "... and 7 more" in message
     assert message.count("images/img") == MAX_LISTED
+
+
+def test_looping_and_broken_links_are_problems(tmp_path: Path) -> None:
+    root = _dataset(
+        tmp_path,
+        {"ok.png": _gray(), "m.png": _gray()},
+        {"ok.png": _blob_mask()},
+    )
+    (root / "images" / "x.png").symlink_to("x.png")  # a link to itself
+    (root / "images" / "y.png").symlink_to("z.png")  # y -> z -> y
+    (root / "images" / "z.png").symlink_to("y.png")
+    (root / "images" / "gone.png").symlink_to("nowhere.png")
+    (root / "masks" / "m.png").symlink_to("m.png")
+    (root / "images" / "loop.txt").symlink_to("loop.txt")  # not an image name: only ignored
+    source = FolderSource(root, unlabelled=True)
+    entries = source.entries()  # listing names no problem and raises nothing
+    assert [e.key for e in entries] == ["gone", "m", "ok", "x", "y", "z"]
+    assert any("loop.txt" in w for w in source.warnings)
+    with pytest.raises(DataError) as info:
+        source.validate(entries)
+    message = str(info.value)
+    assert "(5 problems)" in message and "inaccessible file (5)" in message
+    for line in [
+        "images/x.png: symbolic link loops",
+        "images/y.png: symbolic link loops",
+        "images/z.png: symbolic link loops",
+        "images/gone.png: symbolic link points to nothing",
+        "masks/m.png: symbolic link loops",
+    ]:
+        assert line in message
+    assert "fix or remove the link" in message and "ok.png" not in message
+
+
+def _link_to_itself(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+def _link_to_a_loop(path: Path) -> None:
+    """``path -> a``, ``a -> b``, ``b -> a``."""
+    path.symlink_to("a")
+    (path.parent / "a").symlink_to("b")
+    (path.parent / "b").symlink_to("a")
+
+
+def _broken_link(path: Path) -> None:
+    path.symlink_to("nowhere")
+
+
+def _plain_file(path: Path) -> None:
+    path.write_text("not a folder")
+
+
+@pytest.mark.parametrize("folder", ["images", "masks"])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (_link_to_itself, "symbolic link loops"),
+        (_link_to_a_loop, "symbolic link loops"),
+        (_broken_link, "symbolic link points to nothing"),
+        (_plain_file, "not a folder"),
+    ],
+)
+def test_unusable_images_or_masks_folder(tmp_path: Path, folder: str, make, reason: str) -> None:
+    root = _dataset(tmp_path, {"a.png": _gray()}, {"a.png": _blob_mask()})
+    target = root / folder
+    for p in target.iterdir():
+        p.unlink()
+    target.rmdir()
+    make(target)
+    for unlabelled in (False, True):  # a masks/ that exists but cannot be listed is never skipped
+        with pytest.raises(DataError) as info:
+            FolderSource(root, unlabelled=unlabelled).entries()
+        message = str(info.value)
+        assert "unusable folder (1)" in message and f"{folder}/: {reason}" in message
+        assert "missing folder" not in message and "no images" not in message
+
+
+def test_looping_dataset_root(tmp_path: Path) -> None:
+    (tmp_path / "ds").symlink_to("ds")
+    with pytest.raises(DataError, match="symbolic link that loops"):
+        FolderSource(tmp_path / "ds").entries()
+
+
+def _make_unreadable(path: Path) -> None:
+    """Take every permission from ``path``; skip the test where that does not stop reading it."""
+    path.chmod(0)
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        return
+    pytest.skip("this user reads files whatever their permission bits (root)")
+
+
+def test_file_without_read_permission(tmp_path: Path) -> None:
+    root = _dataset(tmp_path, {"a.png": _gray(), "b.png": _gray()}, {"a.png": _blob_mask()})
+    _make_unreadable(root / "images" / "b.png")
+    _make_unreadable(root / "masks" / "a.png")
+    message = _error(FolderSource(root, unlabelled=True))
+    assert "inaccessible file (2)" in message and "chmod a+r" in message
+    assert "images/b.png: permission denied" in message
+    assert "masks/a.png: permission denied" in message
+
+
+def test_file_without_read_permission_as_seen_by_open(tmp_path: Path, monkeypatch) -> None:
+    """The same as above for any user, root included: ``open`` fails as it would with mode 0."""
+    root = _dataset(tmp_path, {"a.png": _gray(), "b.png": _gray()}, {"a.png": _blob_mask()})
+    denied = {root / "images" / "b.png", root / "masks" / "a.png"}
+    real_open = builtins.open
+
+    def open_(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) in denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    message = _error(FolderSource(root, unlabelled=True))
+    assert "(2 problems)" in message and "inaccessible file (2)" in message
+    assert "images/b.png: permission denied" in message
+    assert "masks/a.png: permission denied" in message
 
 
 def test_bad_options() -> None:

@@ -150,6 +150,51 @@ def _net() -> nn.Sequential:
     return net
 
 
+def _stats_free_net() -> nn.Sequential:
+    """Conv-BN-ReLU-conv-BN whose batch norms keep no running statistics."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+    )
+
+
+def _stats_free_input() -> torch.Tensor:
+    """The global batch: 3 images for rank 0, then 2 for rank 1."""
+    return torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 3 + 2
+
+
+def _eval_on_rank_0_only(rank_: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    net = convert_global_batchnorm(_stats_free_net())
+    local = _stats_free_input()[:3] if rank_ == 0 else _stats_free_input()[3:]
+    out = {"train": net(local).detach().numpy()}  # collectives on both ranks
+    net.eval()
+    if rank_ == 0:  # rank 1 calls nothing until the final barrier
+        with torch.no_grad():
+            out["eval"] = net(local).numpy()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_eval_without_running_stats_on_one_rank_uses_the_local_batch():
+    got = run_ranks(_eval_on_rank_0_only, 2, timeout=60)
+    plain = _stats_free_net()
+    x = _stats_free_input()
+    with torch.no_grad():
+        train = plain(x)  # training mode: the global batch
+        plain.eval()
+        local_eval = plain(x[:3])  # eval mode without running stats: the local batch
+    torch.testing.assert_close(torch.as_tensor(got[0]["train"]), train[:3], **TOL)
+    torch.testing.assert_close(torch.as_tensor(got[1]["train"]), train[3:], **TOL)
+    torch.testing.assert_close(torch.as_tensor(got[0]["eval"]), local_eval, **TOL)
+    assert "eval" not in got[1]
+
+
 def test_convert_keeps_state_dict_and_parameters():
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -13,6 +13,7 @@ from hpc_btunet.models import (
     check_input_size,
     encoder_state,
     load_encoder_state,
+    min_input_size,
     model_options,
     model_signature,
 )
@@ -134,6 +135,22 @@ def test_hybrid_pooling_shapes():
         HybridPool2d(6, stride=3)
 
 
+@pytest.mark.parametrize(
+    "module",
+    [HybridPool2d(2), HybridPool2d(2, stride=1), InceptionBlock(2, 2)],
+    ids=["hybrid-pool", "hybrid-pool-stride-1", "inception-block"],
+)
+def test_min_size_is_the_smallest_side_that_runs(module):
+    module.eval()
+    side = module.min_size
+    assert side == 2
+    with torch.no_grad():
+        module(torch.randn(1, 2, side, side + 1))
+        for size in ((side - 1, side), (side, side - 1)):
+            with pytest.raises((RuntimeError, ValueError)):  # max pooling or spectral pooling
+                module(torch.randn(1, 2, *size))
+
+
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("in_channels, out_channels", [(1, 8), (8, 8), (6, 4)])
 def test_inception_block_output(in_channels, out_channels, residual):
@@ -190,6 +207,29 @@ def test_defaults_match_the_paper_and_variants_are_fixed(name):
         build_model(name, widht=8)
     with pytest.raises(UserError, match=r"100 is not divisible by 16"):
         check_input_size(model, 100)
+
+
+@pytest.mark.parametrize("name", ["inception_unet", "rca_iunet"])
+def test_input_size_error_names_the_smallest_size(name):
+    model = build_model(name, base_width=4)
+    assert min_input_size(model) == 32
+    check_input_size(model, 32)
+    with pytest.raises(
+        UserError,
+        match=r"^input size 16 is below 32, the smallest valid size \(the bottleneck, 1/16 of it, "
+        r"must be at least 2 x 2\): use --image-size 32$",
+    ):
+        check_input_size(model, 16)
+    with pytest.raises(
+        UserError, match=r"20 is not divisible by 16 .*; the smallest valid size is 32: .* 32$"
+    ):
+        check_input_size(model, (32, 20))
+    with pytest.raises(
+        UserError, match=r"the smallest valid size is 32: use --image-size 96 or 112$"
+    ):
+        check_input_size(model, 100)
+    with pytest.raises(ValueError, match="16 is below 32"):
+        model(torch.randn(1, 1, 32, 16))
 
 
 def test_inception_encoder_into_unet_names_both_models():

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+import submitit
+from conftest import flip_sample_byte
 
 from hpc_btunet.errors import UserError
 from hpc_btunet.launch import LaunchConfig, check_slurm_request, load_profile, parse_slurm_time
@@ -134,9 +136,9 @@ def test_cli_stops_before_submitting(toy_pack, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_failed_job_prints_where_its_log_is(toy_pack, tmp_path, capsys):
-    data, _ = toy_pack(n=40, image_size=32)
-    garbage = tmp_path / "encoder.pt"
-    garbage.write_bytes(b"not a torch file")
+    # damage that only the job can find: a flipped byte inside a labelled sample's image
+    data, manifest = toy_pack(n=40, image_size=32)
+    flip_sample_byte(data, manifest, manifest.labelled[0])
     code = main(
         [
             "finetune",
@@ -146,8 +148,6 @@ def test_failed_job_prints_where_its_log_is(toy_pack, tmp_path, capsys):
             str(tmp_path / "exp"),
             "--executor",
             "local",
-            "--pretrained",
-            str(garbage),
             "--base-width",
             "4",
             "--depth",
@@ -157,19 +157,18 @@ def test_failed_job_prints_where_its_log_is(toy_pack, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert (
-        "finetune job" in err
-        and "(unet/bt/fold-0) failed" in err
-        and "not a readable torch file" in err
-    )
+    assert "finetune job" in err and "(unet/scratch/fold-0) failed" in err
+    assert manifest.labelled[0] in err and "Traceback" not in err
     log = err.split("log: ")[1].split()[0]
-    assert "not a readable torch file" in Path(log).read_text()
+    assert manifest.labelled[0] in Path(log).read_text()
 
 
 def test_sbatch_script_matches_the_recorded_one(monkeypatch):
     import hpc_btunet.launch as launch
 
+    # the text alone is compared: no SLURM is needed (submitit's executor looks for srun)
     monkeypatch.setattr(launch, "check_slurm_request", lambda cfg: None)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     cfg = LaunchConfig(
         executor="slurm",
         profile="example-gpu",

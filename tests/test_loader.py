@@ -1,8 +1,11 @@
+import tarfile
+
 import numpy as np
 import pytest
 import torch
 from conftest import toy_index
 
+from hpc_btunet.data.codec import decode_array
 from hpc_btunet.data.loader import ShardStream, make_loader, plan_epoch, worker_slice
 from hpc_btunet.data.manifest import ShardInfo
 from hpc_btunet.errors import ShardError, UserError
@@ -10,7 +13,16 @@ from hpc_btunet.errors import ShardError, UserError
 
 def fake_shards(counts):
     return [
-        ShardInfo(f"train-{i:06d}.tar", "train", c, 0, "", [f"s{i}-{j}" for j in range(c)], [0] * c)
+        ShardInfo(
+            f"train-{i:06d}.tar",
+            "train",
+            c,
+            0,
+            "",
+            [f"s{i}-{j}" for j in range(c)],
+            [0] * c,
+            [0] * c,
+        )
         for i, c in enumerate(counts)
     ]
 
@@ -162,6 +174,47 @@ def test_corrupt_shard_is_named_never_skipped(toy_pack):
         list(stream)
     with pytest.raises(ShardError, match="sha256"):
         ShardStream(out, "train", batch_size=2, verify=True)
+
+
+def _flip_byte(path, member_name):
+    """Flip one byte in the middle of a member's payload (headers intact, size unchanged);
+    returns the payload as it now reads."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member_name)
+    data = bytearray(path.read_bytes())
+    data[info.offset_data + info.size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return bytes(data[info.offset_data : info.offset_data + info.size])
+
+
+@pytest.mark.parametrize("member", ["image", "mask", "json"])
+@pytest.mark.parametrize("encoding", ["png", "npy"])
+def test_flipped_payload_byte_fails_the_sample_checksum(toy_pack, encoding, member):
+    out, m = toy_pack(n=60, shard_size=10, encoding=encoding)
+    shard = m.shards[0]
+    key = shard.keys[3]
+    name = f"{key}.{member}.{encoding}" if member != "json" else f"{key}.json"
+    payload = _flip_byte(out / shard.name, name)
+    if member == "image" and encoding == "npy":
+        decode_array(payload, encoding)  # the flipped pixel decodes: only the checksum sees it
+    stream = ShardStream(out, "train", batch_size=1, shuffle=False)  # sizes still match
+    seen = []
+    with pytest.raises(ShardError) as err:
+        for batch in stream:
+            seen += batch["key"]
+    assert seen == shard.keys[:3], "samples before the damage are read, the damaged one is not"
+    message = str(err.value)
+    assert shard.name in message and repr(key) in message and "checksum" in message
+    assert "hpc-btunet verify" in message and "repack" in message
+
+
+def test_checksum_failure_in_a_worker_stops_the_loader(toy_pack):
+    out, m = toy_pack(n=60, shard_size=10, encoding="npy")
+    shard = m.shards_of("train")[2]
+    _flip_byte(out / shard.name, f"{shard.keys[0]}.image.npy")
+    loader = make_loader(out, "train", batch_size=2, num_workers=2, drop_last=False)
+    with pytest.raises(ShardError, match=shard.name):
+        list(loader)
 
 
 def test_missing_dataset_message(tmp_path):

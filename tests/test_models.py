@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from hpc_btunet.models import (
     encoder_state,
     list_models,
     load_encoder_state,
+    min_input_size,
     model_options,
     model_signature,
     required_divisor,
@@ -211,6 +214,58 @@ def test_input_size_error_names_the_divisor():
         check_input_size(model, (32, 8))
     with pytest.raises(ValueError, match="not divisible by 16"):
         model(torch.randn(1, 1, 40, 48))
+
+
+# every registered model, and the options that change how a size shrinks and grows back
+SIZE_CASES = [(name, {}) for name in MODELS] + [
+    ("unet", {"upsample": "bilinear"}),
+    ("unet_plus_plus", {"stride_downsample": True}),
+]
+
+
+def _sides_around_the_rules(divisor: int) -> list[int]:
+    """1 to 3, and each multiple of ``divisor`` up to 4 times it with its neighbours."""
+    sides = {1, 2, 3} | {k * divisor + d for k in range(1, 5) for d in (-1, 0, 1)}
+    return sorted(s for s in sides if s <= 4 * divisor)
+
+
+def _runs(model: nn.Module, size: tuple[int, int]) -> bool:
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 1, *size))
+    except (RuntimeError, ValueError):  # pooling to nothing, skips of other sizes, ...
+        return False
+    return True
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(
+    "name, options",
+    SIZE_CASES,
+    ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in SIZE_CASES],
+)
+def test_check_input_size_accepts_exactly_the_sizes_that_run(name, options, depth):
+    model = _seeded(name, base_width=4, depth=depth, **options).eval()
+    divisor = 2**depth
+    assert required_divisor(model) == divisor and min_input_size(model) % divisor == 0
+    sizes = [(s, s) for s in _sides_around_the_rules(divisor)]
+    sizes += [(2 * divisor, divisor), (divisor, 3 * divisor), (4 * divisor, 2 * divisor)]
+    accepted, suggested = [], set()
+    for size in sizes:
+        try:
+            check_input_size(model, size)
+        except UserError as error:
+            # the model's own guard refuses it with the same message
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                model(torch.randn(1, 1, *size))
+            choices = re.search(r"use --image-size (\d+)(?: or (\d+))?$", str(error))
+            suggested |= {int(c) for c in choices.groups() if c}
+        else:
+            accepted.append(size)
+    # what the math can take, with the guard relaxed
+    model.size_divisor = model.min_size = 1
+    assert accepted == [size for size in sizes if _runs(model, size)]
+    assert suggested <= {side for side, other in accepted if side == other}
 
 
 def test_loading_a_wider_encoder_names_the_mismatch():

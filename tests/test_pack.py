@@ -1,11 +1,13 @@
 import json
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
 from conftest import ToySource
 
+from hpc_btunet.data.codec import payload_crc, split_member_name
 from hpc_btunet.data.manifest import JOURNAL_NAME, MANIFEST_NAME, load_manifest, verify_shards
 from hpc_btunet.data.pack import PackConfig, pack
 from hpc_btunet.data.splits import SplitConfig
@@ -16,7 +18,7 @@ def test_manifest_describes_shards_and_splits(toy_pack):
     out, m = toy_pack(n=60, shard_size=10)
     on_disk = load_manifest(out)
     assert on_disk.to_json() == m.to_json()
-    assert m.schema == "hpc_btunet.manifest/1"
+    assert m.schema == "hpc_btunet.manifest/2"
     assert (m.image_size, m.channels, m.encoding) == (16, 1, "png")
     assert m.counts["total"] == 60 and m.counts["train"] == 42 and m.counts["test"] == 18
     names = [s.name for s in m.shards]
@@ -27,7 +29,7 @@ def test_manifest_describes_shards_and_splits(toy_pack):
         keys = [k for s in m.shards_of(split) for k in s.keys]
         assert sorted(keys) == m.splits[split]
     for s in m.shards:
-        assert s.count == len(s.keys) == len(s.offsets)
+        assert s.count == len(s.keys) == len(s.offsets) == len(s.checksums)
         assert s.bytes == (out / s.name).stat().st_size
         assert 8 <= s.count <= 10  # near-equal shards of about --shard-size
     verify_shards(out, m.shards)
@@ -58,6 +60,21 @@ def test_shards_open_with_tar_and_webdataset(toy_pack):
         assert sample["json"]["key"] == sample["__key__"]
         seen.append(sample["__key__"])
     assert sorted(seen) == m.splits["train"]
+
+
+@pytest.mark.parametrize("encoding", ["png", "npy"])
+def test_checksums_are_crc32_of_member_payloads_in_stored_order(toy_pack, encoding):
+    unl = {f"toy-{i:04d}" for i in range(0, 40, 5)}
+    out, m = toy_pack(encoding=encoding, shard_size=15, unlabelled=unl)
+    for shard in m.shards:
+        payloads: dict[str, list[bytes]] = {}
+        with tarfile.open(out / shard.name) as tar:
+            for info in tar:
+                key, _ = split_member_name(info.name)
+                payloads.setdefault(key, []).append(tar.extractfile(info).read())
+        assert list(payloads) == shard.keys
+        assert [len(p) for p in payloads.values()] == [2 if k in unl else 3 for k in shard.keys]
+        assert shard.checksums == [payload_crc(payloads[k]) for k in shard.keys]
 
 
 @pytest.mark.parametrize("encoding", ["png", "npy"])
@@ -103,6 +120,11 @@ def test_killed_pack_leaves_no_manifest_and_rerun_resumes(tmp_path):
     with pytest.raises(UserError, match="incomplete"):
         load_manifest(out)
 
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    for name in complete:  # the journal holds all the manifest says of a shard, checksums too
+        record = journal["shards"][name]
+        assert len(record["checksums"]) == len(record["keys"]) == record["count"] == 7
+
     logs = []
     rerun = ToySource(n=40)
     m = pack(rerun, cfg, log=logs.append)
@@ -110,7 +132,32 @@ def test_killed_pack_leaves_no_manifest_and_rerun_resumes(tmp_path):
     assert rerun.loads == 40 - 21  # the three complete shards were not re-encoded
     fresh_cfg = PackConfig(out=tmp_path / "fresh", image_size=16, shard_size=8, workers=1)
     fresh = pack(ToySource(n=40), fresh_cfg, log=lambda _: None)
-    assert m.to_json()["shards"] == fresh.to_json()["shards"]
+    assert m.to_json() == fresh.to_json()
+    assert (out / MANIFEST_NAME).read_bytes() == (tmp_path / "fresh" / MANIFEST_NAME).read_bytes()
+    assert not (out / JOURNAL_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda j: [r.pop("checksums") for r in j["shards"].values()],  # an older version's journal
+        lambda j: [r["checksums"].pop() for r in j["shards"].values()],
+        lambda j: j.update(shards=["train-000000.tar"]),
+        lambda j: j.clear(),
+    ],
+)
+def test_journal_without_valid_records_is_not_trusted(tmp_path, damage):
+    out = tmp_path / "ds"
+    cfg = PackConfig(out=out, image_size=16, shard_size=8, workers=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pack(ToySource(n=40, fail_at=25), cfg, log=lambda _: None)
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    damage(journal)
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    rerun = ToySource(n=40)
+    m = pack(rerun, cfg, log=lambda _: None)
+    assert rerun.loads == 40, "no shard is reused on a record that does not describe it fully"
+    assert load_manifest(out).to_json() == m.to_json()
 
 
 def test_journal_of_other_inputs_is_ignored(tmp_path):

@@ -114,10 +114,17 @@ def test_two_node_pretrain_then_fold_array_after_it(data, tmp_path):
             (exp / "finetune" / "unet" / "bt" / f"fold-{fold}" / "metrics.json").read_text()
         )
         assert metrics["pretrained"] == str(encoder) and metrics["fold"] == fold
-    again = cli(
-        "finetune", "--data", data, "--out", exp, "--folds", 3, "--variants", "bt", "--wait", *TINY
-    )
+    same = ["--data", data, "--out", exp, "--folds", 3, "--variants", "bt", "--epochs", 2]
+    again = cli("finetune", *same, "--wait", *TINY)
     assert again.count("is complete") == 3 and "submitted" not in again
+    # the same folders asked for with another option: refused before anything is queued
+    other = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", "finetune", *map(str, same[:-1]), "3", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert other.returncode == 2 and "epochs: 2 (run) vs 3 (now)" in other.stderr
 
 
 @pytest.mark.timeout(600)

@@ -85,8 +85,8 @@ def test_offline_run_holds_loss_history_and_config(toy_pack, tmp_path, monkeypat
     assert config["lr"] == 2e-3 and config["model"] == "unet" and config["global_batch"] == 8
     assert not any("key" in k.lower() for k in config)
 
-    # a rerun after more steps are asked for resumes the checkpoint and the same wandb run id
+    # a rerun forced to more steps resumes the checkpoint and the same wandb run id
     (cfg.run_dir() / "encoder.pt").unlink()
-    pretrain.run(pretrain.PretrainConfig(**{**cfg.__dict__, "steps": 8}))
+    pretrain.run(pretrain.PretrainConfig(**{**cfg.__dict__, "steps": 8, "force_resume": True}))
     assert (cfg.run_dir() / "wandb-id").read_text().strip() == run_id
     assert all(run_id in p.name for p in (cfg.run_dir() / "wandb").glob("offline-run-*"))

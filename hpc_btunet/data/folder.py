@@ -1,7 +1,13 @@
-"""A dataset stored as two folders, ``images/`` and ``masks/``, whose files match by stem."""
+"""A dataset stored as two folders, ``images/`` and ``masks/``, whose files match by stem.
+
+Every problem a user can cause in such a folder becomes one line of one ``DataError``, never a
+traceback: that includes symbolic links that loop or point nowhere (an image-named link in
+``images/`` or ``masks/``, or either folder itself) and files or folders that cannot be read.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -37,6 +43,8 @@ PROGRESS_MIN = 200  # files to validate before a progress bar is worth showing
 _FIXES = {
     "missing folder": "create it: images go in <root>/images/, masks in <root>/masks/"
     " (pass --unlabelled when there are no masks)",
+    "unusable folder": "images/ and masks/ must be folders (or links to folders) that can be"
+    " listed: fix or remove the link, or give read and execute permission",
     "no images": "put the images directly in images/ (sub-folders are not searched) with one of the"
     " suffixes " + " ".join(sorted(IMAGE_SUFFIXES)),
     "duplicate name": "rename or remove all but one file of each set: a sample is named by its file"
@@ -47,6 +55,8 @@ _FIXES = {
     " or pass --unlabelled to pack images without masks{orphan_note}",
     "name does not match group_regex": "rename the files or change --group-regex '{group_regex}'"
     " so that it matches every image stem (its first group names the patient or slide)",
+    "inaccessible file": "fix or remove the link when it loops or points nowhere, give read"
+    " permission to a file that lacks it (chmod a+r), or remove the file",
     "unreadable image": "re-export or remove the file",
     "unreadable mask": "re-export or remove the file",
     "mask size differs from image": "resize the mask to its image's size (height x width)",
@@ -64,13 +74,12 @@ class _Files:
     mask: Path | None
 
 
-class _Checked(NamedTuple):
-    """What decoding a sample's files found: sizes (height, width) or why a file is unreadable."""
+class _Read(NamedTuple):
+    """What reading one file found: its (height, width), or the kind of problem and why."""
 
-    image_hw: tuple[int, ...] | None
-    mask_hw: tuple[int, ...] | None
-    image_error: str | None
-    mask_error: str | None
+    hw: tuple[int, ...] | None
+    kind: str | None = None  # a key of _FIXES
+    reason: str | None = None
 
 
 class _Problems:
@@ -206,20 +215,22 @@ class FolderSource:
         ``validate()`` reports both (a missing mask only without ``unlabelled``).
         """
         if not self.root.is_dir():
-            what = "is not a folder" if self.root.exists() else "does not exist"
+            if self.root.exists():
+                what = "is not a folder"
+            elif os.path.lexists(self.root):
+                what = "is a symbolic link that loops or points nowhere"
+            else:
+                what = "does not exist"
             raise DataError(
                 f"dataset folder {self.root} {what}; pass the folder that holds images/ and masks/"
             )
         problems = self._problems()
-        images_dir, masks_dir = self.root / "images", self.root / "masks"
-        if not images_dir.is_dir():
-            problems.add("missing folder", "images/")
-        if not masks_dir.is_dir() and not self.unlabelled:
-            problems.add("missing folder", "masks/")
-        images, ignored = _list_images(images_dir)
-        masks, ignored_masks = _list_images(masks_dir)
+        listed = _list_folder(self.root, "images", problems, required=True)
+        listed_masks = _list_folder(self.root, "masks", problems, required=not self.unlabelled)
+        images, ignored = listed or ([], [])
+        masks, ignored_masks = listed_masks or ([], [])
         ignored += ignored_masks
-        if images_dir.is_dir() and not images:
+        if listed is not None and not images:
             found = f"; ignored {', '.join(p.name for p in ignored[:5])}" if ignored else ""
             problems.add("no images", f"images/ holds no image files{found}")
 
@@ -274,7 +285,8 @@ class FolderSource:
         """Decode every image and mask of ``entries``; raise one ``DataError`` naming every problem.
 
         Reports missing masks (unless ``unlabelled``), stems the ``group_regex`` does not match,
-        unreadable or truncated files, and masks whose height x width differs from their image's.
+        files that cannot be opened (looping or broken links, no read permission), unreadable or
+        truncated files, and masks whose height x width differs from their image's.
         """
         problems = self._problems()
         files = [self._files_of(entry) for entry in entries]
@@ -293,19 +305,15 @@ class FolderSource:
                 file=sys.stderr,
                 disable=len(files) <= PROGRESS_MIN,
             )
-            for f, check in zip(files, bar, strict=True):
-                if check.image_error is not None:
-                    problems.add(
-                        "unreadable image", f"{problems.rel(f.image)}: {check.image_error}"
-                    )
-                if f.mask is not None and check.mask_error is not None:
-                    problems.add("unreadable mask", f"{problems.rel(f.mask)}: {check.mask_error}")
-                mask_hw, image_hw = check.mask_hw, check.image_hw
-                if f.mask is not None and mask_hw and image_hw and mask_hw != image_hw:
+            for f, (image, mask) in zip(files, bar, strict=True):
+                for path, read in ((f.image, image), (f.mask, mask)):
+                    if path is not None and read is not None and read.kind is not None:
+                        problems.add(read.kind, f"{problems.rel(path)}: {read.reason}")
+                if mask is not None and mask.hw and image.hw and mask.hw != image.hw:
                     problems.add(
                         "mask size differs from image",
-                        f"{problems.rel(f.mask)} is {mask_hw[0]}x{mask_hw[1]} but"
-                        f" {problems.rel(f.image)} is {image_hw[0]}x{image_hw[1]}",
+                        f"{problems.rel(f.mask)} is {mask.hw[0]}x{mask.hw[1]} but"
+                        f" {problems.rel(f.image)} is {image.hw[0]}x{image.hw[1]}",
                     )
         problems.raise_if_any()
 
@@ -353,17 +361,57 @@ class FolderSource:
             raise KeyError(f"{entry.key!r} is not a sample of {self.root}") from None
 
 
+def _list_folder(
+    root: Path, name: str, problems: _Problems, required: bool
+) -> tuple[list[Path], list[Path]] | None:
+    """``_list_images(root / name)``, or None with the reason added to ``problems`` when the folder
+    is missing (only if ``required``), loops, points nowhere, is a file or cannot be listed."""
+    folder = root / name
+    try:
+        return _list_images(folder)
+    except OSError as exc:
+        if os.path.lexists(folder):
+            problems.add("unusable folder", f"{name}/: {_os_reason(folder, exc)}")
+        elif required:
+            problems.add("missing folder", f"{name}/")
+        return None
+
+
 def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files directly in ``folder`` (sorted), and the visible non-image files ignored."""
-    if not folder.is_dir():
-        return [], []
+    """Image files directly in ``folder`` (sorted), and the visible non-image files ignored.
+
+    An image-named entry that may be a file counts as one: a link that loops or points nowhere
+    is listed, so that ``validate()`` names it instead of the listing tripping on it or dropping
+    it silently. Raises ``OSError`` when ``folder`` itself cannot be listed.
+    """
     images, ignored = [], []
     with os.scandir(folder) as it:
         for item in it:
-            if item.name.startswith(".") or not item.is_file():
+            if item.name.startswith(".") or not _may_be_file(item):
                 continue
             (images if is_image_file(item.name) else ignored).append(Path(item.path))
     return sorted(images), sorted(ignored)
+
+
+def _may_be_file(item: os.DirEntry) -> bool:
+    """A file, or a link whose target cannot be reached (looping or broken); not a folder."""
+    try:
+        return item.is_file() or (item.is_symlink() and not os.path.exists(item.path))
+    except OSError:  # ELOOP from following the link, or no permission to look
+        return True
+
+
+def _os_reason(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be opened, in a few words naming no path."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loops"
+    if os.path.islink(path) and not os.path.exists(path):
+        return "symbolic link points to nothing"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ENOTDIR:
+        return "not a folder"
+    return exc.strerror or type(exc).__name__
 
 
 def _header_is_colour(path: Path) -> bool:
@@ -373,16 +421,22 @@ def _header_is_colour(path: Path) -> bool:
         return False  # validate() reports the file
 
 
-def _check_files(f: _Files) -> _Checked:
-    """Decode both files of a sample completely."""
-    image_hw = mask_hw = image_error = mask_error = None
+def _read_size(path: Path, unreadable: str) -> _Read:
+    """Open ``path`` (problem kind "inaccessible file"), then decode it completely (problem kind
+    ``unreadable``), so that a link or permission problem is not reported as a bad image."""
     try:
-        image_hw = read_image(f.image).shape[:2]
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return _Read(None, "inaccessible file", _os_reason(path, exc))
+    try:
+        return _Read(read_image(path).shape[:2])
     except ImageReadError as exc:
-        image_error = exc.reason
-    if f.mask is not None:
-        try:
-            mask_hw = read_image(f.mask).shape[:2]
-        except ImageReadError as exc:
-            mask_error = exc.reason
-    return _Checked(image_hw, mask_hw, image_error, mask_error)
+        return _Read(None, unreadable, exc.reason)
+
+
+def _check_files(f: _Files) -> tuple[_Read, _Read | None]:
+    """Read both files of a sample (the mask's is None without a mask)."""
+    image = _read_size(f.image, "unreadable image")
+    mask = None if f.mask is None else _read_size(f.mask, "unreadable mask")
+    return image, mask

@@ -15,6 +15,13 @@ An epoch is planned from the manifest alone, identically on every rank:
 Within a worker a seeded shuffle buffer mixes the samples before batching. Batches are dicts:
 ``key`` (list of str), ``image`` (uint8, B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W,
 when the samples have masks) and ``pad`` (bool, B).
+
+What is checked, so that a damaged dataset stops training with a message naming the shard instead
+of training on garbage: when the stream is built, that every shard exists with the size the
+manifest gives (``verify=True``: its sha256 too); on every read, that the members are the
+expected samples in order, that each sample's CRC-32 over its member payloads matches the
+manifest's ``checksums`` (before it is decoded, so a corrupt sample is never yielded), and that
+it decodes to the manifest's shape.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hpc_btunet.data.codec import decode_array, read_members, split_member_name
+from hpc_btunet.data.codec import decode_array, payload_crc, read_members, split_member_name
 from hpc_btunet.data.manifest import Manifest, ShardInfo, load_manifest, verify_shards
 from hpc_btunet.errors import ShardError, UserError
 
@@ -261,6 +268,7 @@ class ShardStream(IterableDataset):
                 if key not in self.unlabelled:
                     wanted.add(f"mask.{enc}")
                 if wanted <= members.keys():
+                    self._check_crc(shard, start + done, members)
                     yield members
                     done, members = done + 1, {}
                     if done == count:
@@ -274,6 +282,16 @@ class ShardStream(IterableDataset):
             f"shard {self.root / shard.name} ended after {start + done} of {shard.count} samples: "
             "it is truncated; repack the dataset or copy the shard again"
         )
+
+    def _check_crc(self, shard: ShardInfo, pos: int, members: dict[str, bytes]) -> None:
+        """Compare the CRC-32 of the payloads as read (``members`` keeps their stored order) with
+        the one ``pack`` recorded: a flipped byte may decode fine, and npy data always does."""
+        if payload_crc(members.values()) != shard.checksums[pos]:
+            raise ShardError(
+                f"shard {self.root / shard.name}: sample {shard.keys[pos]!r} fails its checksum "
+                "(its bytes changed since it was packed): the shard is corrupt; run "
+                "`hpc-btunet verify`, then repack the dataset or copy the shard again"
+            )
 
     def _decode(self, shard: ShardInfo, members: dict[str, bytes], pad: bool) -> tuple:
         enc, size, channels = (

@@ -1,27 +1,48 @@
 """The manifest of a packed dataset: what was packed, how it was split, and every shard's checksum.
 
 ``manifest.json`` is written last by ``pack``; its presence is what makes a dataset complete.
-Each shard entry lists its sample keys and their byte offsets in the tar file, so a reader can
-start at any sample without scanning the shard (and a rank can take part of a shard).
+Besides the source, image size, channels, encoding, seed, split fractions and counts, it lists
+by sample key the train/test split, the labelled subset, its folds, each sample's group and the
+samples without masks. Each shard entry lists its sample keys, their byte offsets in the tar file
+(so a reader can start at any sample without scanning the shard, and a rank can take part of a
+shard) and the CRC-32 of each sample's member payloads (``checksums``, checked by the loader on
+every read, so a flipped byte never trains silently), besides the shard's size and sha256 (checked
+by ``verify``).
+
+The file checks itself: ``checksum`` is the sha256 of the rest of its content in canonical JSON
+(``manifest_checksum``), so a corrupted or hand-edited manifest is refused, not half-trusted.
+``load_manifest`` raises only ``UserError`` for a bad file: one message naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
+from hpc_btunet.data.codec import ENCODINGS
 from hpc_btunet.errors import ShardError, UserError
 
-SCHEMA = "hpc_btunet.manifest/1"
+SCHEMA_PREFIX = "hpc_btunet.manifest/"
+SCHEMA_VERSION = 2
+SCHEMA = f"{SCHEMA_PREFIX}{SCHEMA_VERSION}"
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".pack-journal.json"
 SPLITS = ("train", "test")
+SHARD_PATTERN = re.compile(r"^(train|test)-\d{6}\.tar$")
+_REPACK = "repack the dataset with this version of hpc_btunet (`hpc-btunet pack ... --overwrite`)"
 
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """One shard's entry in the manifest; ``keys``, ``offsets`` and ``checksums`` are parallel,
+    one item per sample in stored order."""
+
     name: str
     split: str
     count: int
@@ -29,6 +50,7 @@ class ShardInfo:
     sha256: str
     keys: list[str]
     offsets: list[int]
+    checksums: list[int]  # CRC-32 of each sample's member payloads (codec.payload_crc)
 
 
 @dataclass
@@ -53,13 +75,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if not self.counts:
-            self.counts = {
-                "total": sum(len(v) for v in self.splits.values()),
-                **{s: len(self.splits.get(s, [])) for s in SPLITS},
-                "labelled": len(self.labelled),
-                "unlabelled": len(self.unlabelled),
-                "folds": [len(f) for f in self.folds],
-            }
+            self.counts = _counts(self.splits, self.labelled, self.unlabelled, self.folds)
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         if split not in SPLITS:
@@ -78,24 +94,55 @@ class Manifest:
         return [k for k in self.labelled if k not in val], sorted(val)
 
     def to_json(self) -> dict:
+        """The content of ``manifest.json``: the fields, then ``checksum`` over all of them."""
         d = asdict(self)
         order = ["schema", "package_version", "source", "image_size", "channels", "encoding"]
-        return {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
+        d = {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
+        return d | {"checksum": manifest_checksum(d)}
 
     @classmethod
-    def from_json(cls, d: dict) -> Manifest:
-        if d.get("schema") != SCHEMA:
-            raise UserError(
-                f"unsupported manifest schema {d.get('schema')!r} (this version reads {SCHEMA}): "
-                "repack the dataset with this version of hpc_btunet"
-            )
-        d = dict(d)
-        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**d)
+    def from_json(cls, d: object, where: str = MANIFEST_NAME) -> Manifest:
+        """Check and parse the content of a manifest file. Every problem is a ``UserError`` naming
+        ``where`` and the fix: an old schema, a checksum that does not match (the file was
+        corrupted or edited), or a structure that is not what ``pack`` writes."""
+        try:
+            if not isinstance(d, dict):
+                raise _Invalid(f"it holds a JSON {_json_type(d)}, not an object")
+            _check_schema(d.get("schema"))
+            if not _is_sha256(d.get("checksum")):
+                raise _Invalid("it has no checksum")
+            if d["checksum"] != manifest_checksum(d):
+                raise UserError(
+                    f"{where} is corrupted or was edited: its checksum does not match its "
+                    f"content; {_REPACK}, or copy {MANIFEST_NAME} again from where it was packed"
+                )
+            _check_fields(d, _FIELDS, "the manifest")
+            for i, s in enumerate(d["shards"]):
+                _check_fields(s, _SHARD_FIELDS, f"shard entry {i}")
+            _check_consistency(d)
+        except _Invalid as e:
+            raise UserError(f"{where} is not a valid manifest ({e}): {_REPACK}") from None
+        except _Outdated as e:
+            raise UserError(f"{where} {e}: {_REPACK}") from None
+        fields = {k: v for k, v in d.items() if k != "checksum"}
+        fields["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        return cls(**fields)
+
+
+def manifest_checksum(content: dict) -> str:
+    """The sha256 of ``content`` without its ``checksum`` field, in canonical JSON (sorted keys,
+    compact separators): what ``manifest.json`` stores as ``checksum``."""
+    rest = {k: v for k, v in content.items() if k != "checksum"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def load_manifest(root: str | Path) -> Manifest:
-    """Read ``root/manifest.json``, with a clear message when the dataset is missing or unfinished."""
+    """Read ``root/manifest.json``, with a clear message when the dataset is missing or unfinished.
+
+    Raises only ``UserError``: for a missing or unfinished dataset, and for a manifest that cannot
+    be read, is not JSON, was packed by another version, fails its checksum or is malformed.
+    """
     root = Path(root)
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -109,9 +156,12 @@ def load_manifest(root: str | Path) -> Manifest:
             f"`hpc-btunet pack --out {root}` or pass --data pointing at a packed dataset"
         )
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise UserError(f"{path} is not a valid manifest ({e}): repack the dataset") from e
+        content = json.loads(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): make it readable") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        raise UserError(f"{path} is not a valid manifest (not JSON: {e}): {_REPACK}") from e
+    return Manifest.from_json(content, str(path))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -144,3 +194,179 @@ def verify_shards(root: str | Path, shards: list[ShardInfo]) -> None:
             + "\n  ".join(problems)
             + "\nrepack the dataset (`hpc-btunet pack ... --overwrite`) or copy the shards again"
         )
+
+
+# Checking a manifest's content. The checks raise these two; ``from_json`` adds the file and fix.
+
+
+class _Invalid(Exception):
+    """The content is not what ``pack`` writes; the message says what is wrong."""
+
+
+class _Outdated(Exception):
+    """The content is a manifest of another schema version; the message says which."""
+
+
+def _check_schema(schema: object) -> None:
+    if schema == SCHEMA:
+        return
+    version = schema[len(SCHEMA_PREFIX) :] if isinstance(schema, str) else ""
+    if not (isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX) and version.isdigit()):
+        raise _Invalid(f"schema is {_brief(schema)}, expected {SCHEMA!r}")
+    age = "an older" if int(version) < SCHEMA_VERSION else "a newer"
+    raise _Outdated(
+        f"was packed by {age} version of hpc_btunet (schema {schema}; this version reads {SCHEMA})"
+    )
+
+
+def _is_int(v: object, low: float = float("-inf"), high: float = float("inf")) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_keys(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(k, str) for k in v)
+
+
+def _is_sha256(v: object) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+# Field -> (check of its type and range, what it must be). A field missing or unknown is refused.
+_Spec = dict[str, tuple[Callable[[object], bool], str]]
+_FIELDS: _Spec = {
+    "schema": (lambda v: v == SCHEMA, SCHEMA),
+    "package_version": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, dict), "an object"),
+    "image_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "channels": (lambda v: _is_int(v) and v in (1, 3), "1 or 3"),
+    "encoding": (lambda v: v in ENCODINGS, " or ".join(ENCODINGS)),
+    "seed": (_is_int, "an integer"),
+    "fractions": (lambda v: isinstance(v, dict), "an object"),
+    "splits": (
+        lambda v: isinstance(v, dict) and set(v) == set(SPLITS) and all(map(_is_keys, v.values())),
+        "an object holding a list of sample keys for each of " + " and ".join(SPLITS),
+    ),
+    "labelled": (_is_keys, "a list of sample keys"),
+    "folds": (
+        lambda v: isinstance(v, list) and all(map(_is_keys, v)),
+        "a list of lists of sample keys",
+    ),
+    "groups": (
+        lambda v: isinstance(v, dict) and all(isinstance(g, str) for g in v.values()),
+        "an object mapping sample keys to group names",
+    ),
+    "unlabelled": (_is_keys, "a list of sample keys"),
+    "shards": (lambda v: isinstance(v, list), "a list of shard objects"),
+    "counts": (lambda v: isinstance(v, dict), "an object"),
+    "checksum": (_is_sha256, "a sha256 in hex"),
+}
+_SHARD_FIELDS: _Spec = {
+    "name": (
+        lambda v: isinstance(v, str) and SHARD_PATTERN.match(v) is not None,
+        "a shard file name such as train-000000.tar",
+    ),
+    "split": (lambda v: v in SPLITS, " or ".join(SPLITS)),
+    "count": (lambda v: _is_int(v, 1), "a positive integer"),
+    "bytes": (lambda v: _is_int(v, 0), "a byte count"),
+    "sha256": (_is_sha256, "a sha256 in hex"),
+    "keys": (_is_keys, "a list of sample keys"),
+    "offsets": (
+        lambda v: isinstance(v, list) and all(_is_int(o, 0) for o in v),
+        "a list of byte offsets",
+    ),
+    "checksums": (
+        lambda v: isinstance(v, list) and all(_is_int(c, 0, 2**32 - 1) for c in v),
+        "a list of CRC-32 values",
+    ),
+}
+
+
+def _check_fields(d: object, spec: _Spec, what: str) -> None:
+    if not isinstance(d, dict):
+        raise _Invalid(f"{what} is a JSON {_json_type(d)}, not an object")
+    missing = [k for k in spec if k not in d]
+    if missing:
+        raise _Invalid(f"{what} lacks {', '.join(missing)}")
+    unknown = [k for k in d if k not in spec]
+    if unknown:
+        raise _Invalid(f"{what} has unknown field(s) {', '.join(map(str, unknown))}")
+    for name, (ok, must_be) in spec.items():
+        if not ok(d[name]):
+            raise _Invalid(f"{what} field {name} must be {must_be}, found {_brief(d[name])}")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_consistency(d: dict) -> None:
+    """The relations ``pack`` guarantees between the fields (their types are already checked)."""
+    _check_shards(d["shards"])
+    _check_key_sets(d)
+    counts = _counts(d["splits"], d["labelled"], d["unlabelled"], d["folds"])
+    if d["counts"] != counts:
+        raise _Invalid(f"counts {_brief(d['counts'])} do not match the key lists")
+
+
+def _check_shards(shards: list[dict]) -> None:
+    """Per-sample lists of ``count`` items, offsets within the file, every key in one shard."""
+    _refuse_repeats(Counter(s["name"] for s in shards), "shard names")
+    for s in shards:
+        where = f"shard {s['name']}"
+        if not s["name"].startswith(f"{s['split']}-"):
+            raise _Invalid(f"{where} is listed under split {s['split']!r}")
+        for name in ("keys", "offsets", "checksums"):
+            if len(s[name]) != s["count"]:
+                raise _Invalid(f"{where} has {len(s[name])} {name} for {s['count']} samples")
+        offsets = s["offsets"]
+        if any(b <= a for a, b in pairwise(offsets)) or offsets[-1] >= s["bytes"]:
+            raise _Invalid(f"{where}: offsets must increase and lie within its {s['bytes']} bytes")
+    _refuse_repeats(Counter(k for s in shards for k in s["keys"]), "sample keys in shards")
+
+
+def _check_key_sets(d: dict) -> None:
+    """Each split holds exactly its shards' keys; labelled within train and partitioned by the
+    folds; unlabelled within train outside labelled; a group for every sample."""
+    splits = d["splits"]
+    for split in SPLITS:
+        _refuse_repeats(Counter(splits[split]), f"keys of the {split} split")
+        in_shards = {k for s in d["shards"] if s["split"] == split for k in s["keys"]}
+        if in_shards != set(splits[split]):
+            odd = sorted(in_shards ^ set(splits[split]))
+            raise _Invalid(
+                f"the {split} split and its shards hold different keys (e.g. {odd[0]!r})"
+            )
+    train = set(splits["train"])
+    labelled = set(d["labelled"])
+    _refuse_repeats(Counter(d["labelled"]), "labelled keys")
+    if not labelled <= train:
+        raise _Invalid("the labelled subset is not within the train split")
+    if Counter(k for fold in d["folds"] for k in fold) != Counter(labelled):
+        raise _Invalid("the folds do not partition the labelled subset")
+    _refuse_repeats(Counter(d["unlabelled"]), "unlabelled keys")
+    if not set(d["unlabelled"]) <= train - labelled:
+        raise _Invalid("unlabelled keys must be train keys outside the labelled subset")
+    if set(d["groups"]) != train | set(splits["test"]):
+        raise _Invalid("groups must name the group of every sample, and only those")
+
+
+def _refuse_repeats(counter: Counter, what: str) -> None:
+    repeated = [k for k, n in counter.items() if n > 1]
+    if repeated:
+        raise _Invalid(f"{what} repeat (e.g. {repeated[0]!r})")
+
+
+def _counts(splits: dict, labelled: list, unlabelled: list, folds: list) -> dict:
+    return {
+        "total": sum(len(v) for v in splits.values()),
+        **{s: len(splits.get(s, [])) for s in SPLITS},
+        "labelled": len(labelled),
+        "unlabelled": len(unlabelled),
+        "folds": [len(f) for f in folds],
+    }

@@ -2,9 +2,11 @@
 
 Order of work, so that bad input costs nothing and a crash loses nothing:
 1. list and validate the whole source (every offending file named in one error), split it;
-2. write each shard under a temporary name, rename it when complete, and record it in a journal;
+2. write each shard under a temporary name, rename it when complete, and record it in a journal
+   (with everything the manifest says of it: keys, offsets, per-sample CRC-32 checksums);
 3. write the manifest last. A killed pack leaves no manifest; rerunning the same command keeps
-   the shards the journal vouches for (size and sha256 re-checked) and writes the rest.
+   the shards the journal vouches for (size and sha256 re-checked) and writes the rest, so the
+   manifest comes out identical to that of an uninterrupted pack.
 """
 
 from __future__ import annotations
@@ -25,19 +27,20 @@ from tqdm import tqdm
 
 from hpc_btunet import __version__
 from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
-from hpc_btunet.data.codec import ENCODINGS, add_member, sample_members
+from hpc_btunet.data.codec import ENCODINGS, add_member, payload_crc, sample_members
 from hpc_btunet.data.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
+    SHARD_PATTERN,
     Manifest,
     ShardInfo,
     sha256_file,
 )
 from hpc_btunet.data.sample import Entry, Source
-from hpc_btunet.data.splits import SplitConfig, make_splits
+from hpc_btunet.data.splits import SplitConfig, Splits, make_splits
 from hpc_btunet.errors import DataError, UserError
+from hpc_btunet.folder_lock import LOCK_NAME, FolderLock, check_unlocked
 
-SHARD_PATTERN = re.compile(r"^(train|test)-\d{6}\.tar$")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 MIN_IMAGE_SIZE = 16
 
@@ -83,7 +86,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         for p in out.iterdir()
         if not (
             SHARD_PATTERN.match(p.name)
-            or p.name in (MANIFEST_NAME, JOURNAL_NAME)
+            or p.name in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME)
             or ".tmp-" in p.name
         )
     ]
@@ -135,27 +138,46 @@ def _fingerprint(source: Source, cfg: PackConfig, entries: list[Entry]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_journal(out: Path, fingerprint: str) -> dict[str, dict]:
-    """Shards recorded as complete by an interrupted pack of the same inputs, still intact."""
-    path = out / JOURNAL_NAME
+def _load_journal(
+    out: Path, fingerprint: str, plan: list[tuple[str, list[str]]]
+) -> dict[str, ShardInfo]:
+    """Shards recorded as complete by an interrupted pack of the same inputs, still intact, as
+    the manifest will describe them. A journal that cannot be read counts as none."""
     try:
-        journal = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        journal = json.loads((out / JOURNAL_NAME).read_bytes())
+    except (OSError, ValueError):
         return {}
-    if journal.get("fingerprint") != fingerprint:
+    if not isinstance(journal, dict) or journal.get("fingerprint") != fingerprint:
         return {}
+    records = journal.get("shards")
     done = {}
-    for name, rec in journal.get("shards", {}).items():
-        p = out / name
-        if p.is_file() and p.stat().st_size == rec["bytes"] and sha256_file(p) == rec["sha256"]:
-            done[name] = rec
+    for name, keys in plan:
+        rec = records.get(name) if isinstance(records, dict) else None
+        try:
+            info = ShardInfo(**rec)
+        except TypeError:  # no record, or one written by another version
+            continue
+        if _still_valid(out / name, info, keys):
+            done[name] = info
     return done
+
+
+def _still_valid(path: Path, info: ShardInfo, keys: list[str]) -> bool:
+    """Whether a journal record describes the planned shard and the file still matches it."""
+    return (
+        info.name == path.name
+        and info.keys == keys
+        and len(info.offsets) == len(info.checksums) == len(keys)
+        and path.is_file()
+        and path.stat().st_size == info.bytes
+        and sha256_file(path) == info.sha256
+    )
 
 
 def _write_shard(
     path: Path, entries: list[Entry], load: Callable, encoding: str, pool, bar
 ) -> ShardInfo:
-    keys, offsets = [], []
+    keys, offsets, checksums = [], [], []
     with (
         atomic_open(path, "wb") as f,
         tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
@@ -164,18 +186,20 @@ def _write_shard(
             keys.append(sample.key)
             offsets.append(tar.offset)
             meta = {"key": sample.key, "group": sample.group, "label": sample.label}
-            for name, data in sample_members(sample.key, sample.image, sample.mask, meta, encoding):
+            members = sample_members(sample.key, sample.image, sample.mask, meta, encoding)
+            for name, data in members:
                 add_member(tar, name, data)
+            checksums.append(payload_crc(data for _, data in members))
             bar.update(1)
     split = path.name.split("-")[0]
-    return ShardInfo(
-        path.name, split, len(keys), path.stat().st_size, sha256_file(path), keys, offsets
-    )
+    size, sha256 = path.stat().st_size, sha256_file(path)
+    return ShardInfo(path.name, split, len(keys), size, sha256, keys, offsets, checksums)
 
 
 def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) -> Manifest:
     """Pack ``source`` into ``cfg.out``; returns the manifest written there."""
     out = Path(cfg.out)
+    check_unlocked(out, "dataset folder")
     _check_out(out, cfg.overwrite)
     entries = source.entries()
     for warning in getattr(source, "warnings", []):
@@ -183,11 +207,23 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
     _check_keys(entries)
     source.validate(entries)
     splits = make_splits(entries, cfg.splits)
-    by_key = {e.key: e for e in entries}
     plan = _plan_shards(splits.train, "train", cfg.shard_size, cfg.splits.seed)
     plan += _plan_shards(splits.test, "test", cfg.shard_size, cfg.splits.seed)
+    with FolderLock(out, "dataset folder"):  # one pack at a time writes a dataset folder
+        return _write(source, cfg, out, entries, splits, plan, log)
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write(
+    source: Source,
+    cfg: PackConfig,
+    out: Path,
+    entries: list[Entry],
+    splits: Splits,
+    plan: list[tuple[str, list[str]]],
+    log: Callable[[str], None],
+) -> Manifest:
+    """The writing half of :func:`pack`, under the folder's lock: shards, journal, manifest."""
+    by_key = {e.key: e for e in entries}
     if (
         cfg.overwrite
     ):  # the old manifest goes first, so a crash below never pairs it with new shards
@@ -199,14 +235,14 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
             p.unlink()
 
     fingerprint = _fingerprint(source, cfg, entries)
-    done = _load_journal(out, fingerprint)
+    done = _load_journal(out, fingerprint, plan)
     if done:
         log(f"resuming an interrupted pack: {len(done)} of {len(plan)} shards already complete")
 
     def load(e: Entry):
         return source.load(e, cfg.image_size)
 
-    infos: dict[str, ShardInfo] = {}
+    infos: dict[str, ShardInfo] = dict(done)
     todo = sum(len(keys) for name, keys in plan if name not in done)
     with (
         ThreadPoolExecutor(cfg.workers) as pool,
@@ -214,16 +250,6 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
     ):
         for name, keys in plan:
             if name in done:
-                rec = done[name]
-                infos[name] = ShardInfo(
-                    name,
-                    name.split("-")[0],
-                    len(keys),
-                    rec["bytes"],
-                    rec["sha256"],
-                    keys,
-                    rec["offsets"],
-                )
                 continue
             infos[name] = _write_shard(
                 out / name, [by_key[k] for k in keys], load, cfg.encoding, pool, bar

@@ -2,8 +2,10 @@
 
 ``build_model(name, in_channels, out_channels, **options)`` builds any registered model; every
 model has ``encoder`` (returning one feature per ``encoder.stages`` entry, bottleneck last, with
-``encoder.out_channels`` channels), ``decoder``, ``head`` and ``size_divisor``. Models with
-``deep_supervision`` true (UNet++) also have ``forward_heads(x)``, every head's logits.
+``encoder.out_channels`` channels), ``decoder``, ``head``, ``size_divisor`` and ``min_size`` (input
+height and width must be multiples of ``size_divisor``, ``2**depth``, and at least ``min_size``;
+``check_input_size`` says so before a job starts). Models with ``deep_supervision`` true (UNet++)
+also have ``forward_heads(x)``, every head's logits.
 """
 
 from hpc_btunet.models.blocks import StageInfo
@@ -15,6 +17,7 @@ from hpc_btunet.models.registry import (
     encoder_state,
     list_models,
     load_encoder_state,
+    min_input_size,
     model_options,
     model_signature,
     register_model,
@@ -33,6 +36,7 @@ __all__ = [
     "encoder_state",
     "list_models",
     "load_encoder_state",
+    "min_input_size",
     "model_options",
     "model_signature",
     "register_model",

@@ -217,12 +217,30 @@ class DecoderStage(nn.Module):
         return self.unit2(self.unit1(x))
 
 
-def size_error(size: int, divisor: int) -> str | None:
-    """The message for an input side ``size`` that ``divisor`` does not divide, else None."""
-    if size > 0 and size % divisor == 0:
+def size_error(size: int, divisor: int, min_size: int | None = None) -> str | None:
+    """The message for an input side ``size`` a model cannot take, else None.
+
+    Valid sides are the multiples of ``divisor`` (``2**depth``: one halving per stage) from
+    ``min_size`` on (a multiple of ``divisor``; ``divisor`` itself when None, for a model whose
+    bottleneck may be 1 x 1). The message names the nearest valid sides and, when ``min_size``
+    is larger than ``divisor``, the smallest one.
+    """
+    min_size = divisor if min_size is None else min_size
+    if min_size < divisor or min_size % divisor:
+        raise ValueError(f"min_size {min_size} is not a positive multiple of {divisor}")
+    if size >= min_size and size % divisor == 0:
         return None
+    if size % divisor:
+        power = divisor.bit_length() - 1
+        why = f" (2^{power}, one halving per stage)" if divisor == 1 << power else ""
+        problem = f"is not divisible by {divisor}{why}"
+        if min_size > divisor:
+            problem += f"; the smallest valid size is {min_size}"
+    else:
+        problem = f"is below {min_size}, the smallest valid size"
+        if min_size > divisor:
+            side = min_size // divisor
+            problem += f" (the bottleneck, 1/{divisor} of it, must be at least {side} x {side})"
     below = size // divisor * divisor
-    choices = f"{below} or {below + divisor}" if below > 0 else f"{divisor}"
-    power = divisor.bit_length() - 1
-    why = f" (2^{power}, one halving per stage)" if divisor == 1 << power else ""
-    return f"input size {size} is not divisible by {divisor}{why}: use --image-size {choices}"
+    choices = f"{below} or {below + divisor}" if below >= min_size else f"{min_size}"
+    return f"input size {size} {problem}: use --image-size {choices}"

@@ -11,9 +11,12 @@ spectral pooling. Between encoder stages it halves the size (2 x 2 max pooling, 
 to half the size). Inside an inception block it must keep the size, so there it is the stride-1
 counterpart of both: 3 x 3 max pooling with stride 1 (the GoogLeNet pooling branch) and the ideal
 low-pass filter that keeps exactly the band spectral pooling by 2 keeps (``SpectralLowPass2d``).
-This is preferred over pooling then upsampling because it needs no interpolation choice and
-keeps working on a 1 x 1 map in training (a pooled-then-upsampled 1 x 1 map would leave a single
-value per channel for BatchNorm).
+This is preferred over pooling then upsampling because it needs no interpolation choice.
+
+Both kinds of hybrid pooling need at least 2 x 2 pixels (``min_size``): pooling to half the size
+leaves nothing of a 1-pixel side, and the low-pass keeps exactly that band. So every inception
+block, the bottleneck included, needs a 2 x 2 map, and an inception U-Net an input side of at
+least ``2 * 2**depth``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ class HybridPool2d(nn.Module):
     ``stride=2`` halves height and width (floor, as max pooling does); ``stride=1`` keeps them
     (3 x 3 max pooling with stride 1 and a spectral low-pass filter). ``out_channels`` defaults to
     ``in_channels``. No activation: the caller decides (a downsampling between encoder stages
-    feeds a block that starts with convolutions).
+    feeds a block that starts with convolutions). Height and width must be at least ``min_size``.
     """
+
+    #: The smallest height and width it takes, with either stride (see the module docstring).
+    min_size = 2
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 2) -> None:
         super().__init__()
@@ -62,7 +68,10 @@ class InceptionBlock(nn.Module):
     fusion conv maps ``4 * out_channels`` to ``out_channels`` (conv-BN-ReLU). With
     ``residual=True`` the fusion has no ReLU of its own: the output is
     ``relu(fusion + shortcut(x))`` with the identity or a ``1 x 1`` conv + BN projection.
+    Height and width must be at least ``min_size`` (that of its hybrid-pooling branch).
     """
+
+    min_size = HybridPool2d.min_size
 
     def __init__(
         self,

@@ -88,7 +88,9 @@ class InceptionUNet(nn.Module):
     ``skip`` (``"concat"`` or ``"cross_spatial"``) and ``residual_decoder``.
 
     Attributes: ``encoder``, ``skip_attention`` (a ``ModuleList`` of ``CrossSpatialAttention``,
-    one per skip, or ``None``), ``decoder``, ``head``, ``size_divisor`` (``2**depth``).
+    one per skip, or ``None``), ``decoder``, ``head``, ``size_divisor`` (``2**depth``; input height
+    and width must be multiples) and ``min_size`` (``2 * 2**depth``: the bottleneck is an inception
+    block, whose spectral pooling needs a 2 x 2 map).
     """
 
     def __init__(
@@ -138,6 +140,8 @@ class InceptionUNet(nn.Module):
         self.decoder = Decoder(stages, stage=decoder_stage)
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 1)
         self.size_divisor = stages[-1].reduction
+        bottleneck = self.encoder.get_submodule(stages[-1].name)
+        self.min_size = self.size_divisor * bottleneck.min_size
 
     def skips(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """The encoder features as the decoder receives them (skips weighed if attention is on)."""
@@ -168,7 +172,7 @@ class InceptionUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for side in x.shape[-2:]:
-            if message := size_error(side, self.size_divisor):
+            if message := size_error(side, self.size_divisor, self.min_size):
                 raise ValueError(message)
         return self.head(self.decoder(self.skips(self.encoder(x))))
 

@@ -160,11 +160,24 @@ def required_divisor(model: nn.Module) -> int:
     return int(_unwrap(model).size_divisor)
 
 
+def min_input_size(model: nn.Module) -> int:
+    """The smallest input height and width ``model`` takes (a multiple of ``required_divisor``).
+
+    ``2**depth`` for a model whose bottleneck may be 1 x 1, more when a layer there needs a
+    larger map (spectral pooling in the inception models).
+    """
+    return int(_unwrap(model).min_size)
+
+
 def check_input_size(model: nn.Module, size: int | tuple[int, int]) -> None:
-    """Raise ``UserError`` naming the nearest valid sizes if ``model`` cannot take ``size``."""
+    """Raise ``UserError`` naming the nearest valid sizes if ``model`` cannot take ``size``.
+
+    Valid sides are the multiples of ``required_divisor(model)`` from ``min_input_size(model)``
+    on, the rule the model's forward pass enforces itself.
+    """
     sides = (size, size) if isinstance(size, int) else size
     for side in dict.fromkeys(sides):
-        if message := size_error(side, required_divisor(model)):
+        if message := size_error(side, required_divisor(model), min_input_size(model)):
             raise UserError(message)
 
 

@@ -139,7 +139,8 @@ class UNet(nn.Module):
     2018), registered as the variant ``attention_unet``.
 
     Attributes: ``encoder`` (what Barlow Twins pre-trains, bottleneck included), ``decoder``,
-    ``head``, and ``size_divisor`` (``2**depth``; input height and width must be multiples).
+    ``head``, ``size_divisor`` (``2**depth``; input height and width must be multiples) and
+    ``min_size`` (the smallest input side, ``2**depth`` too: a 1 x 1 bottleneck works).
     """
 
     def __init__(
@@ -173,10 +174,12 @@ class UNet(nn.Module):
         self.decoder = Decoder(self.encoder.stages, kernel_size, upsample, skip)
         self.head = nn.Conv2d(self.decoder.out_channels, out_channels, 1)
         self.size_divisor = self.encoder.stages[-1].reduction
+        # every convolution pads and the up-convolutions and gates take a 1 x 1 bottleneck
+        self.min_size = self.size_divisor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for side in x.shape[-2:]:
-            if message := size_error(side, self.size_divisor):
+            if message := size_error(side, self.size_divisor, self.min_size):
                 raise ValueError(message)
         return self.head(self.decoder(self.encoder(x)))
 

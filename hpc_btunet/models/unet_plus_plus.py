@@ -151,7 +151,7 @@ class UNetPlusPlus(nn.Module):
     All heads are one grouped ``1 x 1`` convolution ``head`` (group ``k`` is head ``k``) over the
     concatenated top row, so each runs in every forward and none is left without a gradient.
     Attributes: ``encoder``, ``decoder``, ``head``, ``num_heads``, ``deep_supervision``,
-    ``inference``, ``size_divisor``.
+    ``inference``, ``size_divisor`` and ``min_size`` (both ``2**depth``, as in ``UNet``).
     """
 
     def __init__(
@@ -202,11 +202,12 @@ class UNetPlusPlus(nn.Module):
             groups=self.num_heads,
         )
         self.size_divisor = self.encoder.stages[-1].reduction
+        self.min_size = self.size_divisor  # a 1 x 1 bottleneck works, as in the U-Net
 
     def forward_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every head's logits, ``X(0, 1)``'s first (one tensor without deep supervision)."""
         for side in x.shape[-2:]:
-            if message := size_error(side, self.size_divisor):
+            if message := size_error(side, self.size_divisor, self.min_size):
                 raise ValueError(message)
         top = self.decoder(self.encoder(x))[-self.num_heads :]
         logits = self.head(top[0] if len(top) == 1 else torch.cat(top, dim=1))

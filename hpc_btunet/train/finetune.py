@@ -6,15 +6,20 @@ with ``--pretrained encoder.pt`` the encoder is then overwritten by the pre-trai
 decoder keeps its fresh initialisation. Adam, ReduceLROnPlateau (x0.1) on the validation loss,
 early stopping with a patience, loss 0.5 * BCE + 0.5 * Dice (Eq. 4). The weights of the epoch with
 the lowest validation loss are kept and tested. Output: ``<out>/finetune/<model>/<bt|scratch>/
-fold-<k>/metrics.json``, written last; an interrupted job resumes from its per-epoch checkpoint.
+fold-<k>/metrics.json``, written last. A checkpoint is written after every epoch, and on SLURM's
+warning signal after the current batch (the signal is looked at between batches, in training,
+validation and testing alike); an interrupted job resumes from the newest intact one, mid-epoch
+included. The test shards are verified (sha256) before training, not found damaged after it.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,16 +27,18 @@ from torch import nn
 from hpc_btunet.atomic import write_json
 from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import Manifest, load_manifest, make_loader
+from hpc_btunet.data.manifest import sha256_file
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, load_encoder_state, model_signature
 from hpc_btunet.tracking import Tracker
-from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, load_weights, save_checkpoint
+from hpc_btunet.train.checkpoint import load_file, load_weights, save_checkpoint
 from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.losses import BceDiceLoss
 from hpc_btunet.train.metrics import SegmentationMetrics
 from hpc_btunet.train.preemption import PreemptionWatcher
-from hpc_btunet.train.run import RunDir
+from hpc_btunet.train.run import PENDING, RunDir, open_run, record_start
 
 EMPTY_RULE = (
     "per image, a metric whose denominator is zero is 1 when mask and prediction are both empty, "
@@ -42,17 +49,20 @@ EMPTY_RULE = (
 
 @dataclass
 class FinetuneConfig(JobConfig):
-    fold: int = option(0, "validation fold (0-based) of the labelled subset")
-    pretrained: Path | None = option(None, "encoder.pt from pretrain (omit: train from scratch)")
-    epochs: int = option(50, "most epochs (early stopping usually ends sooner)")
-    batch_size: int = option(8, "images per step")
-    lr: float = option(1e-3, "Adam learning rate (the paper: 1e-3)")
-    lr_patience: int = option(3, "epochs without validation improvement before the lr is cut x0.1")
-    patience: int = option(8, "epochs without validation improvement before stopping")
+    fold: int = option(0, "validation fold (0-based) of the labelled subset", min=0)
+    pretrained: Path | None = option(
+        None, "encoder.pt from pretrain (omit: train from scratch)", identity=False
+    )
+    epochs: int = option(50, "most epochs (early stopping usually ends sooner)", min=1)
+    batch_size: int = option(8, "images per step", min=1)
+    lr: float = option(1e-3, "Adam learning rate (the paper: 1e-3)", above=0)
+    lr_patience: int = option(
+        3, "epochs without validation improvement before the lr is cut x0.1", min=1
+    )
+    patience: int = option(8, "epochs without validation improvement before stopping", min=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_positive("epochs", "batch_size", "patience", "lr_patience")
+    result_name: ClassVar[str] = "metrics.json"
+    max_world_size: ClassVar[int | None] = 1  # folds fan out as array tasks instead
 
     @property
     def variant(self) -> str:
@@ -60,6 +70,28 @@ class FinetuneConfig(JobConfig):
 
     def run_dir(self) -> Path:
         return Path(self.out) / "finetune" / self.model / self.variant / f"fold-{self.fold}"
+
+    def input_identity(self) -> dict:
+        """The pre-trained encoder by content (its path may move; its weights may not change)."""
+        if self.pretrained is None:
+            return {"pretrained_sha256": None}
+        path = Path(self.pretrained)
+        return {"pretrained_sha256": sha256_file(path) if path.is_file() else PENDING}
+
+    def check_inputs(self, manifest: Manifest, world_size: int) -> None:
+        if not manifest.folds:
+            raise UserError(
+                f"{self.data} has no labelled subset or folds (packed without masks): pack a "
+                "labelled dataset"
+            )
+        train_keys, _ = manifest.fold_keys(self.fold)
+        if not train_keys:
+            raise UserError(
+                f"the labelled subset of {self.data} is too small for its folds: fold {self.fold} "
+                "leaves nothing to train on; repack with a larger --labelled-fraction or fewer --folds"
+            )
+        if self.pretrained is not None and Path(self.pretrained).exists():
+            build_initial_model(self, manifest)  # the encoder must fit this model and dataset
 
 
 def build_initial_model(cfg: FinetuneConfig, manifest: Manifest) -> nn.Module:
@@ -99,9 +131,14 @@ def supervised_loss(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, loss_fn: nn.Module, device: torch.device
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    between_batches: Callable[[], None] = lambda: None,
 ) -> tuple[float, dict]:
-    """Mean loss per image and segmentation metrics over the non-padded samples of ``loader``."""
+    """Mean loss per image and segmentation metrics over the non-padded samples of ``loader``;
+    ``between_batches`` runs after every batch (a preemption check)."""
     model.eval()
     metrics, total, count = SegmentationMetrics(), 0.0, 0
     for batch in loader:
@@ -112,32 +149,37 @@ def evaluate(
         total += loss_fn(logits, y).item() * len(x)
         count += len(x)
         metrics.update(torch.sigmoid(logits), y)
+        between_batches()
     model.train()
     return total / count, metrics.compute()
 
 
 def run(cfg: FinetuneConfig) -> Path:
     """Fine-tune one (model, fold, variant); returns the path of ``metrics.json``."""
-    rundir = RunDir(cfg.run_dir())
-    result_file = rundir.path / "metrics.json"
-    if result_file.exists():
+    engine = Engine.setup(cfg.device)
+    rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
+    try:
+        return _finetune(cfg, engine, rundir)
+    finally:
+        rundir.release()
+
+
+def _finetune(cfg: FinetuneConfig, engine: Engine, rundir: RunDir) -> Path:
+    cfg.check_world_size(engine.world_size)
+    result_file = cfg.result_file()
+    identity = cfg.identity(engine.world_size)
+    complete, last = open_run(rundir, identity, result_file, cfg.force_resume)
+    if complete:
         print(f"finetune: {result_file} exists, nothing to do")
         return result_file
-    engine = Engine.setup(cfg.device)
     watcher = PreemptionWatcher()
-    if engine.world_size > 1:
-        raise UserError("finetune runs one process per (model, fold): launch it with one task")
     manifest = load_manifest(cfg.data)
-    if not manifest.folds:
-        raise UserError(
-            f"{cfg.data} has no labelled subset or folds (packed without masks): pack a labelled dataset"
-        )
+    cfg.check_inputs(manifest, engine.world_size)
+    # the test split is read only after training: a damaged test shard must stop the job now
+    verify_before_training(
+        cfg.data, manifest.shards_of("test"), watcher, "before training (verifying test shards)"
+    )
     train_keys, val_keys = manifest.fold_keys(cfg.fold)
-    if not train_keys:
-        raise UserError(
-            f"the labelled subset of {cfg.data} is too small for its folds: fold {cfg.fold} leaves "
-            "nothing to train on; repack with a larger --labelled-fraction or fewer --folds"
-        )
     model = build_initial_model(cfg, manifest).to(engine.device)
 
     def loader(split: str, keys: list[str] | None, train: bool):
@@ -156,28 +198,30 @@ def run(cfg: FinetuneConfig) -> Path:
     train_loader = loader("train", train_keys, True)
     val_loader = loader("train", val_keys, False)
     test_loader = loader("test", None, False)
+    per_epoch = len(train_loader)
     loss_fn = BceDiceLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.1, patience=cfg.lr_patience
     )
 
-    epoch, curve, best = 0, [], {"val_loss": float("inf"), "epoch": -1, "state": None}
-    last = latest_checkpoint(rundir.checkpoints)
+    # progress: epochs completed, batches done in the current one and their loss sums
+    epoch, done, total, count = 0, 0, 0.0, 0
+    curve, best = [], {"val_loss": float("inf"), "epoch": -1, "state": None}
     if last is not None:
         state = load_file(last, "checkpoint")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         plateau.load_state_dict(state["plateau"])
-        epoch, curve = state["epoch"], state["curve"]
+        epoch, done, total, count = state["epoch"], state["done"], state["total"], state["count"]
+        curve = state["curve"]
         best = {
             "val_loss": state["best_val_loss"],
             "epoch": state["best_epoch"],
             "state": state["best_model"],
         }
-        print(f"finetune: resuming from {last} (epoch {epoch})")
-    else:
-        rundir.write_config(to_dict(cfg), cfg.data)
+        print(f"finetune: resuming from {last} (epoch {epoch}, batch {done} of {per_epoch})")
+    record_start(rundir, to_dict(cfg), identity, cfg.data, epoch * per_epoch + done)
     tracker = Tracker(
         rundir,
         to_dict(cfg),
@@ -192,12 +236,42 @@ def run(cfg: FinetuneConfig) -> Path:
         f"validation, {manifest.counts['test']} test images"
     )
 
+    def checkpoint() -> None:
+        save_checkpoint(
+            rundir.checkpoints,
+            epoch * per_epoch + done,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict(),
+                "epoch": epoch,
+                "done": done,
+                "total": total,
+                "count": count,
+                "curve": curve,
+                "best_val_loss": best["val_loss"],
+                "best_epoch": best["epoch"],
+                "best_model": best["state"],
+            },
+        )
+
+    def stop_if_preempted(save: bool) -> None:
+        """On SLURM's warning: save the progress since the last checkpoint (if any), requeue."""
+        if watcher.should_stop():
+            if save:
+                checkpoint()
+            tracker.finish()
+            watcher.requeue(f"epoch {epoch}, batch {done}")
+
     start = time.perf_counter()
     model.train()
     while epoch < cfg.epochs and epoch - best["epoch"] <= cfg.patience:
         train_loader.dataset.set_epoch(epoch)
-        total, count = 0.0, 0
-        for batch in train_loader:
+        batches = iter(train_loader) if done < per_epoch else iter(())
+        for i, batch in enumerate(batches):
+            if i < done:  # resuming mid-epoch: the epoch's order is deterministic
+                stop_if_preempted(save=False)
+                continue
             x = batch["image"].to(engine.device).float() / 255
             loss = supervised_loss(model, loss_fn, x, batch["mask"].to(engine.device))
             if not torch.isfinite(loss):
@@ -205,8 +279,11 @@ def run(cfg: FinetuneConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item() * len(x), count + len(x)
-        val_loss, _ = evaluate(model, val_loader, loss_fn, engine.device)
+            total, count, done = total + loss.item() * len(x), count + len(x), i + 1
+            stop_if_preempted(save=True)
+        val_loss, _ = evaluate(
+            model, val_loader, loss_fn, engine.device, lambda: stop_if_preempted(save=True)
+        )
         plateau.step(val_loss)
         point = {
             "epoch": epoch,
@@ -222,28 +299,14 @@ def run(cfg: FinetuneConfig) -> Path:
                 "epoch": epoch,
                 "state": copy.deepcopy(model.state_dict()),
             }
-        epoch += 1
-        save_checkpoint(
-            rundir.checkpoints,
-            epoch,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "plateau": plateau.state_dict(),
-                "epoch": epoch,
-                "curve": curve,
-                "best_val_loss": best["val_loss"],
-                "best_epoch": best["epoch"],
-                "best_model": best["state"],
-            },
-            keep=1,
-        )
-        if watcher.should_stop():  # this epoch's checkpoint is saved: requeue, resume from it
-            tracker.finish()
-            watcher.requeue(f"epoch {epoch}")
+        epoch, done, total, count = epoch + 1, 0, 0.0, 0
+        checkpoint()
+        stop_if_preempted(save=False)
 
     model.load_state_dict(best["state"])
-    test_loss, test = evaluate(model, test_loader, loss_fn, engine.device)
+    test_loss, test = evaluate(
+        model, test_loader, loss_fn, engine.device, lambda: stop_if_preempted(save=False)
+    )
     result = {
         "model": cfg.model,
         "variant": cfg.variant,

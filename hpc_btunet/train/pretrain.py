@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,10 +25,13 @@ from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cro
 from hpc_btunet.tracking import Tracker
 from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, save_checkpoint, save_weights
 from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
 from hpc_btunet.train.preemption import PreemptionWatcher
-from hpc_btunet.train.run import RunDir
+from hpc_btunet.train.run import RunDir, open_run, record_start
+
+MIN_GLOBAL_BATCH = 2
 
 
 class TrainingDiverged(UserError):
@@ -36,39 +40,66 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class PretrainConfig(JobConfig):
-    epochs: int | None = option(20, "epochs over the train split (ignored when --steps is set)")
-    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)")
-    batch_size: int = option(32, "images per rank and step; the global batch is this x world size")
-    lr: float = option(1e-3, "learning rate (LARS: per 256 images of global batch)")
+    epochs: int | None = option(
+        20, "epochs over the train split (ignored when --steps is set)", min=1
+    )
+    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)", min=1)
+    batch_size: int = option(
+        32, "images per rank and step; the global batch is this x world size", min=1
+    )
+    lr: float = option(1e-3, "learning rate (LARS: per 256 images of global batch)", above=0)
     optimizer: str = option("adam", "optimiser", choices=OPTIMIZERS)
-    weight_decay: float = option(0.0, "weight decay")
-    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay")
+    weight_decay: float = option(0.0, "weight decay", min=0)
+    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay", min=0)
     lambd: float = option(
-        5e-3, "Barlow Twins off-diagonal weight (see docs: the paper's text says 0.2)"
+        5e-3, "Barlow Twins off-diagonal weight (see docs: the paper's text says 0.2)", min=0
     )
     projector_width: int | None = option(
-        None, "projector width (default: image size / 2, as in the paper)"
+        None, "projector width (default: image size / 2, as in the paper)", min=1
     )
-    projector_layers: int = option(3, "projector linear layers")
-    crop_scale: float = option(0.5, "views: smallest crop area, as a fraction of the image")
-    rotation: float = option(90.0, "views: rotations are drawn from [-ROTATION, ROTATION] degrees")
-    checkpoint_every: int = option(50, "steps between checkpoints (and one at the end)")
-    log_every: int = option(10, "steps between log lines")
-    verify: bool = option(False, "check every shard's sha256 before training")
+    projector_layers: int = option(3, "projector linear layers", min=1)
+    crop_scale: float = option(
+        0.5, "views: smallest crop area, as a fraction of the image", above=0, max=1
+    )
+    rotation: float = option(
+        90.0, "views: rotations are drawn from [-ROTATION, ROTATION] degrees", min=0, max=180
+    )
+    checkpoint_every: int = option(
+        50, "steps between checkpoints (and one at the end)", min=1, identity=False
+    )
+    log_every: int = option(10, "steps between log lines", min=1, identity=False)
+    verify: bool = option(False, "check every shard's sha256 before training", identity=False)
     dist_timeout: float = option(
-        600.0, "seconds a collective may wait for a lost rank before the job fails"
+        600.0,
+        "seconds a collective may wait for a lost rank before the job fails",
+        above=0,
+        identity=False,
     )
+
+    result_name: ClassVar[str] = "encoder.pt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_positive("batch_size", "checkpoint_every", "log_every", "projector_layers")
-        if self.steps is None and (self.epochs is None or self.epochs < 1):
+        if self.steps is None and self.epochs is None:
             raise UserError("set --epochs (at least 1) or --steps")
-        if self.steps is not None:
-            self.require_positive("steps")
 
     def run_dir(self) -> Path:
         return Path(self.out) / "pretrain" / self.model
+
+    def check_inputs(self, manifest, world_size: int) -> None:
+        global_batch = self.batch_size * world_size
+        if global_batch < MIN_GLOBAL_BATCH:
+            raise UserError(
+                f"--batch-size {self.batch_size} x {world_size} rank(s) is a global batch of "
+                f"{global_batch}: Barlow Twins normalises over the batch and needs at least "
+                f"{MIN_GLOBAL_BATCH} images; raise --batch-size"
+            )
+        if manifest.counts["train"] < global_batch:
+            raise UserError(
+                f"the train split of {self.data} holds {manifest.counts['train']} images, fewer "
+                f"than one global batch ({world_size} rank(s) x --batch-size {self.batch_size} = "
+                f"{global_batch}): lower --batch-size or use fewer ranks"
+            )
 
 
 class SiameseNet(nn.Module):
@@ -84,15 +115,30 @@ class SiameseNet(nn.Module):
 
 def run(cfg: PretrainConfig) -> Path:
     """Pre-train; returns the path of ``encoder.pt``."""
-    rundir = RunDir(cfg.run_dir())
-    encoder_file = rundir.path / "encoder.pt"
-    if encoder_file.exists():
-        print(f"pretrain: {encoder_file} exists, nothing to do")
-        return encoder_file
     engine = Engine.setup(cfg.device, cfg.dist_timeout)
+    rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
+    try:
+        return _pretrain(cfg, engine, rundir)
+    finally:
+        rundir.release()
+
+
+def _pretrain(cfg: PretrainConfig, engine: Engine, rundir: RunDir) -> Path:
+    encoder_file = cfg.result_file()
+    identity = cfg.identity(engine.world_size)
+    complete, last = open_run(rundir, identity, encoder_file, cfg.force_resume)
+    if complete:
+        if engine.is_main:
+            print(f"pretrain: {encoder_file} exists, nothing to do")
+        return encoder_file
     watcher = PreemptionWatcher()
-    rundir.is_main = engine.is_main
     manifest = load_manifest(cfg.data)
+    cfg.check_world_size(engine.world_size)
+    cfg.check_inputs(manifest, engine.world_size)
+    if cfg.verify:
+        verify_before_training(
+            cfg.data, manifest.shards_of("train"), watcher, "before training (verifying shards)"
+        )
 
     model_options = cfg.model_options()
     torch.manual_seed(cfg.seed)
@@ -114,7 +160,6 @@ def run(cfg: PretrainConfig) -> Path:
         num_workers=cfg.num_workers,
         seed=cfg.seed,
         with_masks=False,
-        verify=cfg.verify,
         manifest=manifest,
         pin_memory=engine.device.type == "cuda",
     )
@@ -128,22 +173,18 @@ def run(cfg: PretrainConfig) -> Path:
         ViewConfig(crop_scale=(cfg.crop_scale, 1.0), rotation_degrees=cfg.rotation)
     )
 
-    step = 0
-    last = latest_checkpoint(rundir.checkpoints)
+    step, last_loss = 0, float("nan")
     if last is not None:
         state = load_file(last, "checkpoint")
         Engine.unwrap(net).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        step = state["step"]
-        rundir.truncate_log(step)
+        step, last_loss = state["step"], state.get("loss", last_loss)
         if engine.is_main:
             print(f"pretrain: resuming from {last} (step {step} of {total})")
-    else:
-        rundir.write_config(
-            to_dict(cfg) | {"global_batch": global_batch, "total_steps": total}, cfg.data
-        )
+    extra = {"global_batch": global_batch, "total_steps": total}
+    record_start(rundir, to_dict(cfg) | extra, identity, cfg.data, step)
     tracker = Tracker(
         rundir,
         to_dict(cfg) | {"global_batch": global_batch, "world_size": engine.world_size},
@@ -173,9 +214,22 @@ def run(cfg: PretrainConfig) -> Path:
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "epoch": step // per_epoch,
+                "loss": last_loss,
                 "config": to_dict(cfg),
             },
         )
+
+    def stop_if_preempted(save: bool) -> None:
+        """Every rank, same step: on SLURM's warning, save (when there is progress) and requeue."""
+        if not watcher.should_stop():
+            return
+        if save:
+            checkpoint()
+        engine.barrier()
+        tracker.finish()
+        if engine.is_main:
+            print(f"pretrain: preempted at step {step}: checkpoint saved, requeueing", flush=True)
+        watcher.requeue(f"step {step}")
 
     net.train()
     tick, images = time.perf_counter(), 0
@@ -186,6 +240,7 @@ def run(cfg: PretrainConfig) -> Path:
             if (
                 i < skip
             ):  # resuming mid-epoch: the epoch's order is deterministic, skip what was done
+                stop_if_preempted(save=False)
                 continue
             x = batch["image"].to(engine.device, non_blocking=True)
             view_a, view_b = make_views(x, seed=cfg.seed, step=step, rank=engine.rank)
@@ -202,7 +257,7 @@ def run(cfg: PretrainConfig) -> Path:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            step += 1
+            step, last_loss = step + 1, loss.item()
             images += global_batch
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - tick
@@ -211,7 +266,7 @@ def run(cfg: PretrainConfig) -> Path:
                 )
                 record = {
                     "epoch": epoch,
-                    "loss": loss.item(),
+                    "loss": last_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": images / elapsed,
                     **stats,
@@ -228,16 +283,7 @@ def run(cfg: PretrainConfig) -> Path:
                 checkpoint()
             if step >= total:
                 break
-            if watcher.should_stop():  # every rank, same step: save together, then requeue
-                checkpoint()
-                engine.barrier()
-                tracker.finish()
-                if engine.is_main:
-                    print(
-                        f"pretrain: preempted at step {step}: checkpoint saved, requeueing",
-                        flush=True,
-                    )
-                watcher.requeue(f"step {step}")
+            stop_if_preempted(save=True)
 
     if engine.is_main:
         signature = model_signature(cfg.model, in_channels=manifest.channels, **model_options)
@@ -247,7 +293,7 @@ def run(cfg: PretrainConfig) -> Path:
             signature | {"image_size": manifest.image_size},
         )
         print(f"pretrain: wrote {encoder_file}")
-    tracker.summary({"final_loss": loss.item(), "steps": step})
+    tracker.summary({"final_loss": last_loss, "steps": step})
     tracker.finish()
     watcher.close()
     engine.barrier()

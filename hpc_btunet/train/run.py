@@ -1,15 +1,19 @@
-"""A job's output folder: its identity, provenance and local metrics log.
+"""A job's output folder: its identity, provenance, lock and local metrics log.
 
-Every run writes ``config.yaml`` (the resolved config plus the package version, git revision and
-the sha256 of the dataset manifest) and appends one JSON object per logged step to
-``metrics.jsonl``, so that results never depend on an external tracking service. A run is
-complete when its final artefact exists (``encoder.pt`` for pre-training, ``metrics.json`` for
-fine-tuning); a complete run is skipped on rerun, an incomplete one resumes from its checkpoint.
+Every run writes ``config.yaml`` (the resolved config, the run's identity, and the package
+version, git revision and the sha256 of the dataset manifest) and appends one JSON object per
+logged step to ``metrics.jsonl``, so that results never depend on an external tracking service.
+A run is complete when its final artefact exists (``encoder.pt`` for pre-training,
+``metrics.json`` for fine-tuning); a complete run is skipped on rerun, an incomplete one resumes
+from its checkpoint, and either only when the rerun's identity (see
+:meth:`hpc_btunet.train.job.JobConfig.identity`) is the recorded one.
+
+While a job runs, its main process holds the folder's lock (:mod:`hpc_btunet.folder_lock`): a
+second writer is refused, and temporary files of a killed writer are removed only by the holder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,9 +23,17 @@ from typing import Any
 
 import yaml
 
-from hpc_btunet import __version__
-from hpc_btunet.atomic import atomic_open
-from hpc_btunet.data.manifest import MANIFEST_NAME
+from hpc_btunet import __version__, distributed
+from hpc_btunet.atomic import atomic_open, remove_stale_temporaries
+from hpc_btunet.data.manifest import MANIFEST_NAME, sha256_file
+from hpc_btunet.errors import UserError
+from hpc_btunet.folder_lock import FolderLock
+from hpc_btunet.train.checkpoint import latest_intact_checkpoint
+
+CONFIG_NAME = "config.yaml"
+# the identity of an input that a job not yet run will write (a --pretrained awaited with
+# --after): it cannot be compared before submission, only when the job starts
+PENDING = "(not written yet)"
 
 
 def git_revision() -> str:
@@ -39,8 +51,15 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def manifest_sha256(data: Path) -> str:
-    return hashlib.sha256((Path(data) / MANIFEST_NAME).read_bytes()).hexdigest()
+def _differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "(not set)"), current.get(key, "(not set)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new and new != PENDING:
+            lines.append(f"{prefix.removeprefix('options.')}{key}: {old} (run) vs {new} (now)")
+    return lines
 
 
 class RunDir:
@@ -51,29 +70,100 @@ class RunDir:
         self.is_main = is_main
         self.checkpoints = self.path / "checkpoints"
         self.metrics_log = self.path / "metrics.jsonl"
+        self.config_file = self.path / CONFIG_NAME
+        self._lock: FolderLock | None = None
 
-    def write_config(self, config: dict[str, Any], data: Path) -> None:
+    # --- identity -------------------------------------------------------------------------------
+
+    def recorded(self) -> dict | None:
+        """The ``config.yaml`` of an earlier start of this run, or None."""
+        if not self.config_file.is_file():
+            return None
+        try:
+            data = yaml.safe_load(self.config_file.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"{self.config_file} is unreadable ({type(e).__name__}): remove the run folder "
+                f"{self.path} to start it again, or choose another --out"
+            ) from None
+        return data if isinstance(data, dict) else {}
+
+    def check(self, identity: dict, complete: bool, force: bool, what: str) -> None:
+        """Refuse to skip or resume this folder when ``identity`` differs from the recorded one.
+
+        Raises ``UserError`` listing the differing options and the way out."""
+        started = complete or any(self.checkpoints.glob("step-*.pt"))
+        if not started:
+            return
+        recorded = (self.recorded() or {}).get("identity")
+        diff = (
+            _differences(recorded, identity)
+            if isinstance(recorded, dict)
+            else ["no identity recorded (written by an older version)"]
+        )
+        if not diff:
+            return
+        listed = "; ".join(diff)
+        if complete:
+            raise UserError(
+                f"{what} {self.path} is complete but was run with other options ({listed}): "
+                "choose another --out, or remove that folder to run it again"
+            )
+        if not force:
+            raise UserError(
+                f"{what} {self.path} was started with other options ({listed}): choose another "
+                "--out, or pass --force-resume to continue it with the new ones"
+            )
+
+    # --- the writer's session -------------------------------------------------------------------
+
+    def acquire(self, what: str) -> None:
+        """Become the folder's one writer (main process only); remove what a killed writer left."""
         if not self.is_main:
             return
+        self._lock = FolderLock(self.path, what).acquire()
+        remove_stale_temporaries(self.path, recursive=True)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def write_config(self, config: dict[str, Any], identity: dict, manifest_sha256: str) -> None:
+        """Record the resolved config and identity; a forced resume keeps the earlier identities
+        in ``history``."""
+        if not self.is_main:
+            return
+        earlier = self.recorded() or {}
+        history = list(earlier.get("history") or [])
+        if earlier.get("identity") not in (None, identity):
+            history.append({"identity": earlier["identity"], "until": time.strftime("%FT%T%z")})
         provenance = {
             "package_version": __version__,
             "git_revision": git_revision(),
-            "manifest_sha256": manifest_sha256(data),
+            "manifest_sha256": manifest_sha256,
             "python": sys.version.split()[0],
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with atomic_open(self.path / "config.yaml", "w") as f:
-            yaml.safe_dump({"config": config, "provenance": provenance}, f, sort_keys=False)
+        record = {"config": config, "identity": identity, "provenance": provenance}
+        if history:
+            record["history"] = history
+        with atomic_open(self.config_file, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=False)
 
     def truncate_log(self, after_step: int) -> None:
-        """On resume, drop log lines past the checkpoint's step: they will be logged again."""
+        """On resume, drop log lines past the checkpoint's step: they will be logged again
+        (``after_step=0`` for a run that starts over)."""
         if not self.is_main or not self.metrics_log.exists():
             return
-        kept = [
-            line
-            for line in self.metrics_log.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step
-        ]
+        kept = []
+        for line in self.metrics_log.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
+                kept.append(line)
         with atomic_open(self.metrics_log, "w") as f:
             f.write("".join(line + "\n" for line in kept))
 
@@ -83,3 +173,27 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_log, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def open_run(rundir: RunDir, identity: dict, result: Path, force: bool) -> tuple[bool, Path | None]:
+    """A job's start, on every rank: rank 0 becomes the folder's writer, checks the identity and
+    finds the newest intact checkpoint; every rank gets (complete, checkpoint) or the error."""
+
+    def decide() -> tuple[bool, str | None]:
+        rundir.acquire("run folder")
+        complete = result.exists()
+        rundir.check(identity, complete, force, "run folder")
+        last = None if complete else latest_intact_checkpoint(rundir.checkpoints)
+        return complete, None if last is None else str(last)
+
+    complete, last = distributed.main_decides(decide)
+    return complete, Path(last) if last else None
+
+
+def record_start(rundir: RunDir, config: dict, identity: dict, data: Path, step: int) -> None:
+    """After :func:`open_run`: a new run records its config and starts an empty log; a resumed
+    one drops log lines past its checkpoint, and records its config again only when it was
+    forced to continue with another identity (the earlier one goes to ``history``)."""
+    if step == 0 or (rundir.recorded() or {}).get("identity") != identity:
+        rundir.write_config(config, identity, sha256_file(Path(data) / MANIFEST_NAME))
+    rundir.truncate_log(step)

@@ -28,7 +28,12 @@ import yaml
 from hpc_btunet.config import check_values, option
 from hpc_btunet.distributed import PLACEMENT_VARIABLES
 from hpc_btunet.errors import UserError, as_user_error
-from hpc_btunet.processes import JobWatchdog, owner_environment, report_failure
+from hpc_btunet.processes import (
+    STOPPED_BY_SIBLING,
+    JobWatchdog,
+    owner_environment,
+    report_failure,
+)
 
 EXECUTORS = ("slurm", "local", "debug")
 PROFILE_DIRS = (
@@ -142,6 +147,7 @@ class LaunchConfig:
     threads: int | None = option(None, "torch threads per task", min=1)
 
     def __post_init__(self) -> None:
+        check_values(self)  # the flags as given, before defaults fill what is unset
         self.executor = self.executor or default_executor()
         if self.executor not in EXECUTORS:
             raise UserError(
@@ -164,7 +170,7 @@ class LaunchConfig:
         self.gpus_per_node = self.gpus_per_node or 0
         self.tasks_per_node = self.tasks_per_node or max(1, self.gpus_per_node)
         self.timeout_min = parse_slurm_time(str(self.time or 60))
-        check_values(self)
+        check_values(self)  # and with what the profile filled in
         limits = {
             "nodes": (self.nodes, profile.get("max_nodes")),
             "gpus-per-node": (self.gpus_per_node, profile.get("max_gpus_per_node")),
@@ -311,10 +317,11 @@ _DASHES = re.compile(r"^-{10,}$", re.MULTILINE)
 
 def failure_reason(error: Exception) -> str:
     """The final exception of a failed job's traceback (a toolkit error: its message alone), or,
-    for a job that produced no result, the line a failing rank wrote or the log's last line."""
+    for a task that produced no result, the line it wrote on stopping or the log's last line."""
     text = str(error)
     if isinstance(error, submitit.core.utils.FailedJobError):
-        body = _DASHES.split(text)[1] if len(_DASHES.split(text)) > 2 else text
+        parts = _DASHES.split(text)
+        body = parts[1] if len(parts) > 2 else text
         last = body.rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
         exc = [line for line in last if line.strip()]
         start = next((i for i, line in enumerate(exc) if not line.startswith(" ")), 0)
@@ -323,27 +330,41 @@ def failure_reason(error: Exception) -> str:
         if sep and head.startswith("hpc_btunet."):
             return "\n".join([message, *lines[1:]]).strip()
         return "\n".join(lines).strip()
-    lines = [
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("---")
-    ]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "----" not in line]
     ours = [line for line in lines if line.startswith("hpc-btunet: ")]
-    return (ours or lines or ["no output"])[-1].removeprefix("hpc-btunet: ")
+    if ours:
+        return ours[-1].removeprefix("hpc-btunet: ")
+    return "it ended without a result (killed by a signal or out of memory?)" + (
+        f"; its log ends with: {lines[-1]}" if lines else ""
+    )
 
 
 def _result(job: submitit.Job, label: str) -> list:
     """Wait for every task of ``job``; on failure raise one ``UserError`` with the root cause: a
-    task's own error before the "no result" of tasks stopped because of it."""
+    task's own error first, then a task that ended without a result, and only then the tasks
+    stopped because of them."""
     tasks = [job] if job.num_tasks == 1 else [job.task(k) for k in range(job.num_tasks)]
+    local = isinstance(job, submitit.LocalJob)
     results, failures = [], []
     for k, task in enumerate(tasks):
+        if local and job.done() and not task.paths.result_pickle.exists():
+            # on this machine a result file is there at once: no need for submitit's grace wait
+            failures.append((k, task, submitit.core.utils.UncompletedJobError(task.stderr() or "")))
+            continue
         try:
             results.append(task.result())
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
             failures.append((k, task, e))
     if not failures:
         return results
-    failed = submitit.core.utils.FailedJobError
-    k, task, error = next((f for f in failures if isinstance(f[2], failed)), failures[0])
+
+    def rank_of(failure) -> tuple[int, int]:
+        k, _, error = failure
+        if isinstance(error, submitit.core.utils.FailedJobError):
+            return (0, k)
+        return (2 if STOPPED_BY_SIBLING in failure_reason(error) else 1, k)
+
+    k, task, error = min(failures, key=rank_of)
     where = f" (rank {k})" if len(tasks) > 1 else ""
     raise UserError(
         f"{label} failed{where}: {failure_reason(error)}\n  log: {task.paths.stderr}"

@@ -33,10 +33,19 @@ import psutil
 
 OWNER_PID = "HPC_BTUNET_OWNER_PID"
 OWNER_STARTED = "HPC_BTUNET_OWNER_STARTED"
+STOPPED_BY_SIBLING = "of this job ended without success"
 
 
 def _started(proc: psutil.Process) -> float:
     return round(proc.create_time(), 2)
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive, and not a zombie that only waits for its parent to read its exit status."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def owner_environment() -> dict[str, str]:
@@ -121,14 +130,23 @@ def _exit_now(message: str) -> None:
 
 class JobWatchdog:
     """A daemon thread inside a local job: stops the job when its command is gone, or when a
-    sibling task ended without success (the local stand-in for ``srun --kill-on-bad-exit``)."""
+    sibling task ended without success (the local stand-in for ``srun --kill-on-bad-exit``).
+
+    A sibling ended without success when its submitit result says "error", or when its process
+    (recorded by pid and start time in ``<job>_<rank>.pid`` beside the logs) is gone without a
+    result: killed outright."""
 
     def __init__(self, folder: Path, job_id: str, rank: int, num_tasks: int, poll_s: float = 0.5):
         self.folder, self.job_id, self.rank, self.num_tasks = folder, job_id, rank, num_tasks
         self.poll_s = poll_s
         self.owner = self._owner()
-        self.siblings: dict[int, psutil.Process] = {}
+        if num_tasks > 1:
+            me = psutil.Process()
+            self._pid_file(rank).write_text(f"{me.pid} {_started(me)}\n")
         threading.Thread(target=self._watch, name="hpc-btunet-watchdog", daemon=True).start()
+
+    def _pid_file(self, rank: int) -> Path:
+        return self.folder / f"{self.job_id}_{rank}.pid"
 
     @staticmethod
     def _owner() -> psutil.Process | None:
@@ -138,44 +156,41 @@ class JobWatchdog:
                 return proc
         return None
 
-    def _find_siblings(self) -> None:
-        """The controller's other tasks, by their submitit rank variable."""
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process(os.getppid()).children():
-                if p.pid == os.getpid() or p.pid in {s.pid for s in self.siblings.values()}:
-                    continue
-                with contextlib.suppress(psutil.Error, KeyError, ValueError):
-                    rank = int(p.environ()["SUBMITIT_LOCAL_GLOBALID"])
-                    self.siblings[rank] = p
+    def _alive(self, rank: int) -> bool | None:
+        """Whether rank's process runs; None when it has not recorded itself yet."""
+        try:
+            pid, started = self._pid_file(rank).read_text().split()
+            proc = psutil.Process(int(pid))
+            return _started(proc) == float(started) and _running(proc)
+        except (OSError, ValueError):
+            return None
+        except psutil.Error:
+            return False
 
-    def _sibling_failed(self) -> int | None:
-        for rank, proc in self.siblings.items():
-            running = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-            if running:
+    def failed_sibling(self) -> int | None:
+        for rank in range(self.num_tasks):
+            if rank == self.rank:
                 continue
             result = self.folder / f"{self.job_id}_{rank}_result.pkl"
-            if _result_outcome(result) != "success":
+            outcome = _result_outcome(result)
+            # a result written just before the process ended is read again to be sure
+            if (outcome == "error" or (outcome is None and self._alive(rank) is False)) and (
+                _result_outcome(result) != "success"
+            ):
                 return rank
         return None
 
     def _watch(self) -> None:
         while True:
             time.sleep(self.poll_s)
-            try:
-                if self.owner is not None and not self.owner.is_running():
-                    _exit_now("the command that started this local job is gone: stopping")
-                if self.num_tasks > 1:
-                    if len(self.siblings) < self.num_tasks - 1:
-                        self._find_siblings()
-                    failed = self._sibling_failed()
-                    if failed is not None:
-                        _exit_now(
-                            f"rank {failed} of this job ended without success (its error is in "
-                            f"{self.folder / f'{self.job_id}_{failed}_log.err'}): stopping rank "
-                            f"{self.rank}"
-                        )
-            except psutil.Error:
-                continue
+            if self.owner is not None and not _running(self.owner):
+                _exit_now("the command that started this local job is gone: stopping")
+            failed = self.failed_sibling() if self.num_tasks > 1 else None
+            if failed is not None:
+                _exit_now(
+                    f"rank {failed} {STOPPED_BY_SIBLING} (its error is in "
+                    f"{self.folder / f'{self.job_id}_{failed}_log.err'}): stopping rank {self.rank}"
+                )
 
 
 def report_failure(main_log: Path, rank: int, error: BaseException, own_log: Path) -> None:

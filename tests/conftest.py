@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,6 +73,23 @@ def flip_sample_byte(data, manifest, key: str, into: int = 40) -> None:
     raw = bytearray(path.read_bytes())
     raw[where] ^= 0xFF
     path.write_bytes(bytes(raw))
+
+
+def flip_torch_byte(path) -> None:
+    """Flip one byte inside the largest tensor stored in the torch archive at ``path`` (not in
+    zip padding, which holds no data)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(Path(path).read_bytes())
+    name_len, extra_len = (
+        int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(raw))
 
 
 @pytest.fixture

@@ -313,6 +313,14 @@ class Job:
 
 
 _DASHES = re.compile(r"^-{10,}$", re.MULTILINE)
+# what a rank reports when another rank died under it: an effect, never the cause
+PEER_LOST = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "DistStoreError",
+    "DistNetworkError",
+    "NCCL communicator was aborted",
+)
 
 
 def failure_reason(error: Exception) -> str:
@@ -341,8 +349,8 @@ def failure_reason(error: Exception) -> str:
 
 def _result(job: submitit.Job, label: str) -> list:
     """Wait for every task of ``job``; on failure raise one ``UserError`` with the root cause: a
-    task's own error first, then a task that ended without a result, and only then the tasks
-    stopped because of them."""
+    task's own error first, then a task that ended without a result (killed), and only then the
+    tasks that failed because of them (a lost peer in a collective, a stop by the watchdog)."""
     tasks = [job] if job.num_tasks == 1 else [job.task(k) for k in range(job.num_tasks)]
     local = isinstance(job, submitit.LocalJob)
     results, failures = [], []
@@ -360,9 +368,10 @@ def _result(job: submitit.Job, label: str) -> list:
 
     def rank_of(failure) -> tuple[int, int]:
         k, _, error = failure
+        reason = failure_reason(error)
         if isinstance(error, submitit.core.utils.FailedJobError):
-            return (0, k)
-        return (2 if STOPPED_BY_SIBLING in failure_reason(error) else 1, k)
+            return (2 if any(m in reason for m in PEER_LOST) else 0, k)
+        return (3 if STOPPED_BY_SIBLING in reason else 1, k)
 
     k, task, error = min(failures, key=rank_of)
     where = f" (rank {k})" if len(tasks) > 1 else ""

@@ -116,7 +116,9 @@ def add_arguments(
                 kw["choices"] = f.metadata["choices"]
         bounds = _bounds(f.metadata)
         help_text += f" ({bounds})" if bounds else ""
-        parser.add_argument(_flag(f.name), help=f"{help_text} (default: {default})", **kw)
+        if default is not None and "default" not in help_text:  # said once, or not at all
+            help_text += f" (default: {default})"
+        parser.add_argument(_flag(f.name), help=help_text, **kw)
 
 
 def _coerce(cls: type, name: str, value: Any, tp: type, optional: bool) -> Any:

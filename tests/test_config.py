@@ -1,5 +1,7 @@
 """One option vocabulary for every job: flags, YAML files, defaults in --help, strict keys."""
 
+import re
+
 import pytest
 
 from hpc_btunet.errors import UserError
@@ -53,3 +55,27 @@ def test_help_documents_shared_vocabulary_with_defaults(job, capsys):
 def test_missing_data_is_one_clear_error(capsys):
     assert main(["pretrain", "--executor", "debug"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pack", "verify", "pretrain", "finetune", "report", "demo"])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks = re.split(r"\n  (?=-)", capsys.readouterr().out)  # one block per option
+    for block in (" ".join(b.split()) for b in blocks):  # argparse wraps lines
+        assert "(default: None)" not in block and block.count("(default") <= 1, block
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--lr", "nan", "--lr must be a finite number"),
+        ("--lr", "inf", "--lr must be a finite number"),
+        ("--lr", "0", "--lr must be > 0"),
+        ("--num-workers", "-1", "--num-workers must be >= 0"),
+        ("--crop-scale", "1.5", "--crop-scale must be > 0 and <= 1"),
+    ],
+)
+def test_numbers_are_checked_where_the_config_is_built(flag, value, message):
+    with pytest.raises(UserError, match=message):
+        parse("pretrain", "--data", "d", flag, value)

@@ -342,3 +342,61 @@ def test_dead_rank_ends_a_two_rank_job_quickly(data, tmp_path, death):
         assert "rank 1 failed: ShardError" in main_log.read_text(), "the real error, in main log"
     else:
         assert "killed" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``make(size=..., read_only=...)`` mounts a tmpfs of that size (root only; skipped where
+    mounting is not allowed) and unmounts it afterwards."""
+    mounts = []
+
+    def make(name: str, size: str = "64k", read_only: bool = False) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here (needs root): {done.stderr!r}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_pack_onto_a_full_disk(small_disk):
+    full = small_disk("full", size="64k")
+    args = ["pack", "--num-images", 60, "--image-size", 32, "--shard-size", 10, "--folds", 3]
+    done = cli(*args, "--out", full / "ds", check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no space left on the device" in done.stderr and "rerun" in done.stderr
+    assert not temporaries(full) and not (full / "ds" / "manifest.json").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("executor", ["debug", "local"])
+def test_checkpoint_onto_a_full_disk(data, small_disk, executor):
+    full = small_disk("full", size="96k")
+    cmd = ["pretrain", "--data", data, "--out", full / "exp", "--steps", 8, "--batch-size", 8]
+    done = cli(*cmd, *SMALL, "--executor", executor, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "no space left on the device" in done.stderr, done.stderr
+    assert not temporaries(full), "a failed write removes its temporary file"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("command", ["pack", "pretrain"])
+def test_output_on_a_read_only_disk(data, small_disk, command):
+    ro = small_disk("ro", read_only=True)
+    if command == "pack":
+        cmd = ["pack", "--num-images", 20, "--image-size", 32, "--folds", 2, "--out", ro / "ds"]
+    else:
+        cmd = ["pretrain", "--data", data, "--out", ro / "exp", "--batch-size", 8, *SMALL]
+        cmd += ["--executor", "local"]
+    done = cli(*cmd, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "read-only file system" in done.stderr and "writable" in done.stderr, done.stderr

@@ -212,3 +212,25 @@ def test_single_process_run_leaves_the_environment_alone(monkeypatch):
     assert not any(name in __import__("os").environ for name in PLACEMENT_VARIABLES), (
         "jobs submitted later from this process would inherit a wrong placement"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_debug_executor_reports_a_failing_job_without_a_debugger(toy_pack, tmp_path):
+    """submitit's debug executor opens pdb on any error (blocking for good when stdin is a
+    pipe); the toolkit's debug executor runs the job in-process and reports like the others."""
+    import subprocess
+    import sys
+
+    data, manifest = toy_pack(n=40, image_size=32)
+    flip_sample_byte(data, manifest, manifest.labelled[0])
+    cmd = ["finetune", "--data", str(data), "--out", str(tmp_path / "exp"), "--executor", "debug"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", *cmd, "--base-width", "4", "--depth", "2"],
+        stdin=subprocess.PIPE,  # never closed: a debugger prompt would wait here
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 2 and "(Pdb)" not in proc.stdout
+    assert manifest.labelled[0] in proc.stderr and "Traceback" not in proc.stderr

@@ -46,7 +46,7 @@ def local_cluster() -> list[str]:
         message = (
             f"needs {NODES} usable SLURM nodes in partition 'debug', found {nodes}: {START_HINT}"
         )
-        if os.environ.get("CI") == "true":
+        if os.environ.get("HPC_BTUNET_REQUIRE_SLURM") == "1":  # CI's run with the cluster
             pytest.fail(message)
         pytest.skip(message)
     return nodes

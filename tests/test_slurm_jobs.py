@@ -77,10 +77,11 @@ def test_two_node_pretrain_then_fold_array_after_it(data, tmp_path):
         2,
         "--tasks-per-node",
         1,
+        "--wait",  # on a multi-task job: every task's result is collected
         *TINY,
     )
     pre = job_id(out)
-    assert "2 node(s) x 1 task(s)" in out
+    assert "2 node(s) x 1 task(s)" in out and "pretrain: 1 job(s) completed" in out
     out = cli(
         "finetune",
         "--data",
@@ -218,3 +219,38 @@ def test_requests_slurm_cannot_satisfy_stop_before_submission(data, tmp_path, ar
     assert done.returncode == 2 and message in done.stderr, done.stderr
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     assert set(after.split()) <= set(before.split()), "no new job"
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_rank_ends_a_two_node_job_at_once(data, tmp_path):
+    """Rank 1 of a 2-node job fails on a damaged sample only it reads; srun --kill-on-bad-exit
+    ends rank 0 too (not after --dist-timeout), and the error is in the main log and printed."""
+    import shutil
+
+    from conftest import flip_sample_byte
+
+    from hpc_btunet.data.loader import plan_epoch
+    from hpc_btunet.data.manifest import load_manifest
+
+    damaged = tmp_path / "data"
+    shutil.copytree(data, damaged)
+    manifest = load_manifest(damaged)
+    shards = manifest.shards_of("train")
+    ref = plan_epoch(shards, None, batch_size=4, world_size=2, seed=0, epoch=0)[1][0]
+    key = shards[ref.shard].keys[ref.pos]
+    flip_sample_byte(damaged, manifest, key)
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", "pretrain", "--data", str(damaged)]
+        + ["--out", str(tmp_path / "exp"), "--steps", "500", "--nodes", "2", "--wait"]
+        + ["--tasks-per-node", "1", "--dist-timeout", "600", *map(str, TINY)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    took = time.monotonic() - start
+    assert done.returncode == 2 and took < 60, (took, done.stdout, done.stderr)
+    assert "failed (rank 1)" in done.stderr and key in done.stderr, done.stderr
+    pre = job_id(done.stdout)
+    main_log = next((tmp_path / "exp" / "logs" / "pretrain").glob(f"{pre}/{pre}_0_log.err"))
+    assert "rank 1 failed: ShardError" in main_log.read_text()

@@ -1,0 +1,112 @@
+"""A run folder's identity: a rerun with other options is refused, or continued on purpose and
+recorded; what a killed run left behind is cleaned up by the next writer, under the lock."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from hpc_btunet.errors import UserError
+from hpc_btunet.folder_lock import FolderLock, FolderLocked
+from hpc_btunet.train import pretrain
+from hpc_btunet.train.checkpoint import list_checkpoints
+from hpc_btunet.train.preemption import Preempted, PreemptionWatcher
+
+
+@pytest.fixture
+def data(toy_pack):
+    out, _ = toy_pack(n=60, image_size=32, shard_size=15)
+    return out
+
+
+def config(data, out, **kw):
+    base = dict(
+        data=data, out=out, steps=8, checkpoint_every=4, batch_size=8, base_width=4, depth=2
+    )
+    return pretrain.PretrainConfig(**base | kw)
+
+
+def test_identity_holds_result_options_and_inputs_by_content(data, tmp_path):
+    a = config(data, tmp_path).identity(1)
+    assert a["options"]["lr"] == 1e-3 and a["world_size"] == 1
+    assert "checkpoint_every" not in a["options"] and "out" not in a["options"]
+    assert "data" not in a["options"] and len(a["dataset_manifest_sha256"]) == 64
+    assert config(data, tmp_path / "elsewhere", checkpoint_every=2).identity(1) == a
+    assert config(data, tmp_path, lambd=0.01).identity(1) != a
+    assert config(data, tmp_path).identity(2) != a
+
+
+def test_forced_resume_continues_and_records_the_change(data, tmp_path):
+    pretrain.run(config(data, tmp_path, steps=4, log_every=1))
+    (config(data, tmp_path).run_dir() / "encoder.pt").unlink()
+    with pytest.raises(UserError, match=r"steps: 4 \(run\) vs 8 \(now\).*--force-resume"):
+        pretrain.run(config(data, tmp_path, steps=8, log_every=1))
+    pretrain.run(config(data, tmp_path, steps=8, log_every=1, force_resume=True))
+    record = yaml.safe_load((config(data, tmp_path).run_dir() / "config.yaml").read_text())
+    assert record["identity"]["options"]["steps"] == 8
+    assert record["history"][0]["identity"]["options"]["steps"] == 4
+    log = (config(data, tmp_path).run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 9))
+
+
+def test_rerun_after_the_final_checkpoint_writes_the_encoder(data, tmp_path, capsys):
+    cfg = config(data, tmp_path, steps=4, checkpoint_every=4)
+    encoder = pretrain.run(cfg)
+    first = torch.load(encoder, weights_only=True)
+    encoder.unlink()  # killed after the last checkpoint, before encoder.pt
+    assert pretrain.run(cfg) == encoder
+    assert "(step 4 of 4)" in capsys.readouterr().out
+    again = torch.load(encoder, weights_only=True)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_job_refuses_a_folder_another_process_writes(data, tmp_path):
+    cfg = config(data, tmp_path)
+    with FolderLock(cfg.run_dir()), pytest.raises(FolderLocked, match="being written by"):
+        pretrain.run(cfg)
+
+
+def test_a_fresh_start_drops_the_log_of_a_run_killed_before_its_first_checkpoint(data, tmp_path):
+    cfg = config(data, tmp_path, steps=3, checkpoint_every=10, log_every=1)
+    cfg.run_dir().mkdir(parents=True)
+    (cfg.run_dir() / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 2, "lo')
+    pretrain.run(cfg)
+    log = (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
+    assert json.loads(log[0])["loss"] != 9
+
+
+def _stop_at(monkeypatch, call: int) -> None:
+    """SLURM's warning, seen at the ``call``-th check (deterministic, no real signal)."""
+    calls = {"n": 0}
+
+    def should_stop(self):
+        calls["n"] += 1
+        if calls["n"] >= call:
+            self.received = 12
+        return self.received is not None
+
+    monkeypatch.setattr(PreemptionWatcher, "should_stop", should_stop)
+
+
+def test_preemption_is_seen_while_verifying_shards(data, tmp_path, monkeypatch):
+    _stop_at(monkeypatch, 1)
+    cfg = config(data, tmp_path, verify=True)
+    with pytest.raises(Preempted, match="verifying shards"):
+        pretrain.run(cfg)
+    assert not list_checkpoints(cfg.run_dir() / "checkpoints")
+
+
+def test_preemption_is_seen_while_replaying_to_a_mid_epoch_checkpoint(data, tmp_path, monkeypatch):
+    cfg = config(data, tmp_path, steps=8, checkpoint_every=3)  # 5 steps per epoch: 3 is mid-epoch
+    _stop_at(monkeypatch, 3)
+    with pytest.raises(Preempted, match="step 3"):
+        pretrain.run(cfg)
+    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003.pt"]
+    _stop_at(monkeypatch, 2)  # the second of the three batches skipped on resume
+    with pytest.raises(Preempted, match="step 3"):
+        pretrain.run(cfg)
+    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == [
+        "step-00000003.pt"
+    ], "nothing new to save: it requeues at once"

@@ -72,6 +72,18 @@ def cli(*args, patch: str | None = None, check: bool = True, **kw) -> subprocess
     return done
 
 
+def start_command(args: list) -> subprocess.Popen:
+    """The command line in the background, in its own process group (as a shell's job)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(f"*{TMP_MARK}*") if p.is_file()]
 
@@ -213,14 +225,7 @@ def test_stopping_the_command_stops_its_local_jobs(data, tmp_path, how):
     too: the jobs notice their command is gone."""
     cmd = ["finetune", "--data", data, "--out", tmp_path / "exp", "--executor", "local"]
     cmd += ["--epochs", 500, "--patience", 500, "--num-workers", 2, *SMALL]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hpc_btunet.submit", *map(str, cmd)],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell's job would have
-    )
+    proc = start_command(cmd)
     seen: set[int] = set()
     deadline = time.time() + 120
     run = tmp_path / "exp" / "finetune" / "unet" / "scratch" / "fold-0"
@@ -311,14 +316,7 @@ def test_dead_rank_ends_a_two_rank_job_quickly(data, tmp_path, death):
     cmd = ["pretrain", "--data", data, "--out", tmp_path / "exp", "--steps", 500, "--batch-size"]
     cmd += [4, "--tasks-per-node", 2, "--executor", "local", "--dist-timeout", 600, *SMALL]
     start = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hpc_btunet.submit", *map(str, cmd)],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_command(cmd)
     if death == "SIGKILL":
         rank1 = None
         while rank1 is None and time.time() - start < 60:

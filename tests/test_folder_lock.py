@@ -51,34 +51,9 @@ def test_a_dead_holder_does_not_keep_the_lock(tmp_path, sig):
 def test_a_second_pack_into_the_same_folder_is_refused(tmp_path, capsys):
     from hpc_btunet.submit import main
 
+    argv = ["pack", "--num-images", "20", "--image-size", "32", "--folds", "2"]
+    argv += ["--out", str(tmp_path / "ds")]
     with FolderLock(tmp_path / "ds", "dataset folder"):
-        code = main(
-            [
-                "pack",
-                "--num-images",
-                "20",
-                "--image-size",
-                "32",
-                "--folds",
-                "2",
-                "--out",
-                str(tmp_path / "ds"),
-            ]
-        )
-    assert code == 2 and "dataset folder" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "pack",
-                "--num-images",
-                "20",
-                "--image-size",
-                "32",
-                "--folds",
-                "2",
-                "--out",
-                str(tmp_path / "ds"),
-            ]
-        )
-        == 0
-    )
+        assert main(argv) == 2
+    assert "dataset folder" in capsys.readouterr().err
+    assert main(argv) == 0

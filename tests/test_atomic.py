@@ -48,3 +48,13 @@ def test_stale_temporaries_are_removed_below_a_folder(tmp_path):
     (tmp_path / "keep.pt").write_bytes(b"whole")
     assert sorted(remove_stale_temporaries(tmp_path, recursive=True)) == sorted(stale)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.pt"]
+
+
+def test_a_packed_dataset_is_readable_by_the_group_under_the_usual_umask(tmp_path, umask):
+    from hpc_btunet.submit import main
+
+    umask(0o002)
+    argv = ["pack", "--num-images", "20", "--image-size", "32", "--folds", "2"]
+    assert main([*argv, "--out", str(tmp_path / "ds")]) == 0
+    files = [p for p in (tmp_path / "ds").iterdir() if p.name != ".lock"]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o664 for p in files)

@@ -249,7 +249,8 @@ def test_stopping_the_command_stops_its_local_jobs(data, tmp_path, how):
 
 
 @pytest.mark.timeout(300)
-def test_flipped_byte_in_the_newest_checkpoint(data, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(data, tmp_path, capsys, damage):
     from hpc_btunet.train import pretrain
 
     def cfg(out):
@@ -262,11 +263,15 @@ def test_flipped_byte_in_the_newest_checkpoint(data, tmp_path, capsys):
     pretrain.run(cfg(tmp_path / "damaged"))
     (run / "encoder.pt").unlink()  # as if killed after the last checkpoint
     newest = list_checkpoints(run / "checkpoints")[-1]
-    flip_torch_byte(newest)
+    if damage == "flipped byte":
+        flip_torch_byte(newest)
+    else:
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     capsys.readouterr()
     pretrain.run(cfg(tmp_path / "damaged"))
     out = capsys.readouterr()
-    assert f"checkpoint {newest} is damaged" in out.err and "CRC" in out.err
+    assert f"checkpoint {newest} is damaged" in out.err
+    assert ("CRC" if damage == "flipped byte" else "not a readable") in out.err
     assert "(step 4 of 8)" in out.out, "resumed from the intact one before it"
     assert newest.with_name(newest.name + ".corrupt").exists(), "kept aside, not deleted"
     same_weights(straight, run / "encoder.pt")

@@ -73,11 +73,8 @@ class JobConfig:
 
     def identity(self, world_size: int) -> dict:
         """What the result depends on: options, dataset and inputs by content, world size."""
-        options = {
-            k: v
-            for k, v in to_dict(self).items()
-            if next(f for f in fields(self) if f.name == k).metadata.get("identity", True)
-        }
+        values = to_dict(self)
+        options = {f.name: values[f.name] for f in fields(self) if f.metadata.get("identity", True)}
         return {
             "options": options,
             "dataset_manifest_sha256": self._manifest_sha256(),

@@ -90,8 +90,13 @@ class FinetuneConfig(JobConfig):
                 f"the labelled subset of {self.data} is too small for its folds: fold {self.fold} "
                 "leaves nothing to train on; repack with a larger --labelled-fraction or fewer --folds"
             )
+
+    def preflight(self, world_size: int = 1) -> None:
+        """Also: the encoder must fit this model and dataset (the job checks it again when it
+        builds its model; an encoder awaited with --after is checked only then)."""
+        super().preflight(world_size)
         if self.pretrained is not None and Path(self.pretrained).exists():
-            build_initial_model(self, manifest)  # the encoder must fit this model and dataset
+            build_initial_model(self, load_manifest(self.data))
 
 
 def build_initial_model(cfg: FinetuneConfig, manifest: Manifest) -> nn.Module:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hpc_btunet.distributed import all_reduce_sum, world_size
@@ -49,7 +50,11 @@ class GlobalBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or world_size() == 1:
-            return super().forward(input)
+            if self.weight is None or self.running_mean is None:
+                return super().forward(input)
+            if self.weight.dtype == self.running_mean.dtype:
+                return super().forward(input)
+            return self._fp32_parameters_forward(input)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
@@ -89,6 +94,25 @@ class GlobalBatchNorm(_BatchNorm):
         if self.bias is not None:  # recent torch allows affine=True with bias=False
             out = out + self.bias.view(stat_shape)
         return out.to(x.dtype)
+
+    def _fp32_parameters_forward(self, x: Tensor) -> Tensor:
+        """``nn.BatchNorm``'s local computation when the parameters were cast to half precision
+        and the buffers were not (DeepSpeed's bf16/fp16): statistics, scale and shift in fp32."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight.to(self.running_mean.dtype),
+            None if self.bias is None else self.bias.to(self.running_mean.dtype),
+            self.training,
+            factor,
+            self.eps,
+        )
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:

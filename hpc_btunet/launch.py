@@ -197,6 +197,14 @@ class LaunchConfig:
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    @property
+    def device_type(self) -> str | None:
+        """Where the job's ``--device auto`` will land: SLURM nodes with GPUs asked for give
+        ``cuda``, without ``cpu``; on this machine (None) it is this machine's."""
+        if self.executor == "slurm":
+            return "cuda" if self.gpus_per_node > 0 else "cpu"
+        return None
+
 
 def _slurm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=60)

@@ -296,7 +296,7 @@ def _run_job(args) -> int:
     else:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
     for task in tasks:
-        task.preflight(launch.world_size)
+        task.preflight(launch.world_size, launch.device_type)
     labels = [
         f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"
         for t in tasks

@@ -56,7 +56,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(data, tmp_path):
     proc.wait()
     saved = list_checkpoints(ckpts)
     assert saved, "the run was killed before its first checkpoint"
-    killed_at = int(saved[-1].stem.split("-")[1])
+    killed_at = int(saved[-1].name.split("-")[1])
     assert not (out / "pretrain" / "unet" / "encoder.pt").exists(), (
         "killed too late to test resuming"
     )
@@ -110,9 +110,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data, tmp_path,
     with pytest.raises(pretrain.TrainingDiverged, match="at step 5") as err:
         pretrain.run(cfg)
     ckpts = list_checkpoints(cfg.run_dir() / "checkpoints")
-    assert ckpts[-1].name == "step-00000004.pt" and str(ckpts[-1]) in str(err.value)
+    assert ckpts[-1].name == "step-00000004" and str(ckpts[-1]) in str(err.value)
     assert not (cfg.run_dir() / "encoder.pt").exists()
-    state = torch.load(ckpts[-1], weights_only=True)
+    state = torch.load(ckpts[-1] / "engine.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 

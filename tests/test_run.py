@@ -103,10 +103,10 @@ def test_preemption_is_seen_while_replaying_to_a_mid_epoch_checkpoint(data, tmp_
     _stop_at(monkeypatch, 3)
     with pytest.raises(Preempted, match="step 3"):
         pretrain.run(cfg)
-    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003.pt"]
+    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003"]
     _stop_at(monkeypatch, 2)  # the second of the three batches skipped on resume
     with pytest.raises(Preempted, match="step 3"):
         pretrain.run(cfg)
-    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == [
-        "step-00000003.pt"
-    ], "nothing new to save: it requeues at once"
+    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003"], (
+        "nothing new to save: it requeues at once"
+    )

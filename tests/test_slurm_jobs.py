@@ -171,7 +171,7 @@ def _preempt_and_check(jid: str, exp, steps: int) -> None:
     assert m, logs[-3000:]
     stopped = int(m.group(1))
     assert (
-        f"resuming from {run / 'checkpoints' / f'step-{stopped:08d}.pt'} (step {stopped} of {steps})"
+        f"resuming from {run / 'checkpoints' / f'step-{stopped:08d}'} (step {stopped} of {steps})"
         in logs
     )
     steps_logged = [

@@ -1,24 +1,57 @@
-"""The training engine: device, process group, and the wrapping of a model for data parallelism.
+"""The training engine: one interface that owns the process group, the device, the wrapped model
+and the whole optimiser step, with two implementations, DDP and DeepSpeed.
 
-Jobs ask the engine for the device and for ``wrap(module)``; they never test ranks themselves
-beyond ``engine.is_main`` (who logs and saves). With one process ``wrap`` is the identity. With
-several, BatchNorm layers are made to use global-batch statistics (``nn.SyncBatchNorm`` on CUDA,
-our ``GlobalBatchNorm`` on CPU, where SyncBatchNorm cannot train) and the module is wrapped in
-``DistributedDataParallel``, so that W ranks compute what one process computes on the global batch.
-A DeepSpeed engine will sit beside this one behind the same two calls.
+A job builds its model, optimiser and learning-rate schedule, hands them to
+``engine.prepare(module, optimizer, scheduler)`` and then only calls the engine:
+
+- ``engine.inputs(x)`` puts a batch on the device in the dtype and memory format the engine needs,
+  and ``with engine.autocast():`` surrounds the forward pass;
+- ``engine.step(loss)``: backward, gradient clipping, loss scaling, optimiser and scheduler step;
+- ``engine.save(folder)`` / ``engine.load(folder)``: the engine's share of a checkpoint (every rank
+  calls them; :mod:`hpc_btunet.train.session` makes the folder a checkpoint only when all ranks
+  have written);
+- ``engine.export()``: the model's plain fp32 state dict on CPU, gathered from every partition,
+  the same whichever engine trained it;
+- ``engine.is_main``, ``engine.barrier()``, ``engine.all_finite(x)``.
+
+Jobs never ask which engine they run on. BatchNorm statistics are global whenever the world size
+is above one (``nn.SyncBatchNorm`` on CUDA, our ``GlobalBatchNorm`` on CPU, where SyncBatchNorm
+cannot train), so W ranks compute what one process computes on the global batch.
+
+Precision: ``fp32``; ``bf16`` and ``fp16`` run the forward pass in half precision. Under DDP that
+is ``torch.autocast`` (weights stay fp32) with a gradient scaler for fp16; DeepSpeed casts the
+weights themselves and keeps fp32 master copies (see :mod:`hpc_btunet.train.deepspeed_engine`).
+The Barlow Twins loss, BatchNorm statistics and spectral pooling compute in fp32 either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import Optimizer
 
 from hpc_btunet import distributed
 from hpc_btunet.errors import UserError
 from hpc_btunet.global_batchnorm import convert_global_batchnorm
+from hpc_btunet.train.checkpoint import load_file, save_file
+
+ENGINES = ("ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ENGINE_STATE = "engine.pt"  # DDP: model, optimiser, scheduler, scaler; DeepSpeed: the scheduler
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as exported weights hold it: on CPU, floating point as fp32, counters as they are."""
+    t = t.detach().cpu()
+    return t.float() if t.is_floating_point() else t
 
 
 def pick_device(name: str) -> torch.device:
@@ -31,54 +64,235 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision this device cannot train in, naming the one that works."""
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError(
+            "--precision fp16 needs a CUDA GPU (half-precision training on CPU is neither "
+            "supported by DeepSpeed nor fast): use --precision bf16 on CPU, or fp32"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"--precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16 "
+            "support: use --precision fp16 (with loss scaling) or fp32"
+        )
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a job asks of its engine (from its config's engine options)."""
+
+    kind: str = "ddp"
+    precision: str = "fp32"
+    zero_stage: int = 0
+    grad_clip: float = 0.0
+    channels_last: bool = False
+    batch_size: int = 1  # per rank and step (DeepSpeed's micro-batch)
+    deepspeed_config: Path | None = None
+    device: str = "auto"
+    timeout_s: float = 600.0
+
+
 class Engine:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    """The interface both engines implement (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, spec: EngineSpec, device: torch.device, placement: distributed.Placement):
+        self.spec = spec
+        self.device = device
+        self.rank, self.world_size = placement.rank, placement.world_size
+        self.local_rank = placement.local_rank
+        self.module: nn.Module | None = None  # the model as built (unwrapped)
+        self.optimizer: Optimizer | None = None
+        self.scheduler: Any = None
+
+    # --- process group -------------------------------------------------------------------------
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @classmethod
-    def setup(cls, device: str = "auto", timeout_s: float = 600.0) -> Engine:
-        """Join the job's process group (SLURM/submitit, torchrun or none) and pick the device.
-
-        ``timeout_s`` bounds every collective: a lost rank ends the job with an error, not a hang.
-        """
-        dev = pick_device(device)
-        placement = distributed.init_process_group(use_cuda=dev.type == "cuda", timeout_s=timeout_s)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", placement.local_rank)
-            torch.cuda.set_device(dev)
-        return cls(dev, placement.rank, placement.world_size, placement.local_rank)
-
-    def close(self) -> None:
-        distributed.teardown()
-
-    def wrap(self, module: nn.Module) -> nn.Module:
-        module = module.to(self.device)
-        if self.world_size == 1:
-            return module
-        if self.device.type == "cuda":
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-            return nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index])
-        module = convert_global_batchnorm(module)
-        return nn.parallel.DistributedDataParallel(module)
-
-    @staticmethod
-    def unwrap(module: nn.Module) -> nn.Module:
-        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if distributed.world_size() > 1:
             dist.barrier()
 
     def all_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank (so that all ranks stop together)."""
         ok = torch.tensor([float(torch.isfinite(value).all())], device=value.device)
-        if self.world_size > 1:
+        if distributed.world_size() > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
+
+    def close(self) -> None:
+        distributed.teardown()
+
+    def config_files(self) -> dict[str, dict]:
+        """Files the engine's configuration is recorded in, next to the run's config.yaml."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records about the engine that wrote it."""
+        return {
+            "engine": self.kind,
+            "world_size": self.world_size,
+            "precision": self.spec.precision,
+        }
+
+    # --- model and step ------------------------------------------------------------------------
+
+    def prepare(self, module: nn.Module, optimizer: Optimizer, scheduler: Any = None) -> nn.Module:
+        """Move, convert and wrap ``module`` for this engine; return the callable to train with."""
+        raise NotImplementedError
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device, in the memory format (and, for DeepSpeed, dtype) the model takes."""
+        x = x.to(self.device, non_blocking=True)
+        if self.spec.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        """Write this engine's share of a checkpoint into ``folder`` (called on every rank)."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        """Restore model, optimiser and schedule from checkpoint ``folder`` (every rank)."""
+        raise NotImplementedError
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The model's full state dict, fp32 on CPU (every rank calls it; all get it)."""
+        raise NotImplementedError
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Put an exported state dict back into the model (to evaluate the best epoch)."""
+        self.module.load_state_dict(state)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def _convert_batchnorm(self, module: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return module
+        if self.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return convert_global_batchnorm(module)
+
+    def _place(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        if self.spec.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def _save_schedule(self, folder: Path, extra: dict | None = None) -> None:
+        state = {"scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+        save_file(Path(folder) / ENGINE_STATE, state | (extra or {}))
+
+    def _load_state(self, folder: Path) -> dict:
+        return load_file(Path(folder) / ENGINE_STATE, "checkpoint")
+
+
+class DDPEngine(Engine):
+    """``DistributedDataParallel`` (identity for one process), ``torch.autocast`` for half
+    precision, ``torch.amp.GradScaler`` for fp16. Checkpoints: one file, written by rank 0."""
+
+    kind = "ddp"
+
+    def prepare(self, module, optimizer, scheduler=None):
+        self.module = self._convert_batchnorm(self._place(module))
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if self.spec.precision == "fp16" else None
+        )
+        if self.world_size == 1:
+            return self.module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+
+    def autocast(self):
+        if self.spec.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=HALF[self.spec.precision])
+
+    def step(self, loss):
+        if self.scaler is None:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+            applied = True
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # a lowered scale: inf/NaN, step skipped
+        if applied and self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip(self) -> None:
+        if self.spec.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.spec.grad_clip)
+
+    def save(self, folder):
+        if not self.is_main:
+            return
+        self._save_schedule(
+            folder,
+            {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            },
+        )
+
+    def load(self, folder):
+        state = self._load_state(folder)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def export(self):
+        return {k: plain(v) for k, v in self.module.state_dict().items()}
+
+
+def create_engine(spec: EngineSpec) -> Engine:
+    """Join the job's process group (SLURM/submitit, torchrun or none), pick the device and build
+    the engine ``spec.kind``. ``spec.timeout_s`` bounds every collective: a lost rank ends the
+    job with an error, not a hang."""
+    device = pick_device(spec.device)
+    check_precision(spec.precision, device)
+    placement = distributed.init_process_group(
+        use_cuda=device.type == "cuda", timeout_s=spec.timeout_s
+    )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", placement.local_rank)
+        torch.cuda.set_device(device)
+    if spec.kind == "deepspeed":
+        from hpc_btunet.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(spec, device, placement)
+    if spec.kind == "ddp":
+        return DDPEngine(spec, device, placement)
+    raise UserError(f"unknown engine {spec.kind!r}: choose one of {', '.join(ENGINES)}")
+
+
+@contextlib.contextmanager
+def engine_session(spec: EngineSpec) -> Iterator[Engine]:
+    """An engine for the length of a job; its process group is left at the end."""
+    engine = create_engine(spec)
+    try:
+        yield engine
+    finally:
+        engine.close()

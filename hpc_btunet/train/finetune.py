@@ -14,7 +14,6 @@ included. The test shards are verified (sha256) before training, not found damag
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +29,14 @@ from hpc_btunet.data import Manifest, load_manifest, make_loader
 from hpc_btunet.data.manifest import sha256_file
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, load_encoder_state, model_signature
-from hpc_btunet.tracking import Tracker
-from hpc_btunet.train.checkpoint import load_file, load_weights, save_checkpoint
+from hpc_btunet.train.checkpoint import load_weights
 from hpc_btunet.train.engine import Engine
 from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.losses import BceDiceLoss
 from hpc_btunet.train.metrics import SegmentationMetrics
-from hpc_btunet.train.preemption import PreemptionWatcher
-from hpc_btunet.train.run import PENDING, RunDir, open_run, record_start
+from hpc_btunet.train.run import PENDING
+from hpc_btunet.train.session import Session, run_job
 
 EMPTY_RULE = (
     "per image, a metric whose denominator is zero is 1 when mask and prediction are both empty, "
@@ -91,10 +89,10 @@ class FinetuneConfig(JobConfig):
                 "leaves nothing to train on; repack with a larger --labelled-fraction or fewer --folds"
             )
 
-    def preflight(self, world_size: int = 1) -> None:
+    def preflight(self, world_size: int = 1, device_type: str | None = None) -> None:
         """Also: the encoder must fit this model and dataset (the job checks it again when it
         builds its model; an encoder awaited with --after is checked only then)."""
-        super().preflight(world_size)
+        super().preflight(world_size, device_type)
         if self.pretrained is not None and Path(self.pretrained).exists():
             build_initial_model(self, load_manifest(self.data))
 
@@ -124,68 +122,72 @@ def build_initial_model(cfg: FinetuneConfig, manifest: Manifest) -> nn.Module:
     return model
 
 
-def supervised_loss(
-    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """The training loss; with deep supervision (UNet++), the mean of the loss of every head."""
-    if getattr(model, "deep_supervision", False):
-        heads = model.forward_heads(x)
-        return sum(loss_fn(logits, y) for logits in heads) / len(heads)
-    return loss_fn(model(x), y)
+class Supervised(nn.Module):
+    """The model as the engine trains it: a list of logits, one per head (UNet++ with deep
+    supervision trains every head; in eval mode, and for the other models, one)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.training and getattr(self.model, "deep_supervision", False):
+            return self.model.forward_heads(x)
+        return [self.model(x)]
+
+
+def supervised_loss(heads: list[torch.Tensor], loss_fn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The training loss (fp32); with deep supervision, the mean of every head's loss."""
+    return sum(loss_fn(logits.float(), y) for logits in heads) / len(heads)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    engine: Engine,
+    net: nn.Module,
     loader,
     loss_fn: nn.Module,
-    device: torch.device,
     between_batches: Callable[[], None] = lambda: None,
 ) -> tuple[float, dict]:
     """Mean loss per image and segmentation metrics over the non-padded samples of ``loader``;
     ``between_batches`` runs after every batch (a preemption check)."""
-    model.eval()
+    engine.train(False)
     metrics, total, count = SegmentationMetrics(), 0.0, 0
     for batch in loader:
         keep = ~batch["pad"]
-        x = batch["image"][keep].to(device).float() / 255
-        y = batch["mask"][keep].to(device)
-        logits = model(x)
+        x = engine.inputs(batch["image"][keep].float() / 255)
+        y = batch["mask"][keep].to(engine.device)
+        with engine.autocast():
+            (logits,) = net(x)
+        logits = logits.float()
         total += loss_fn(logits, y).item() * len(x)
         count += len(x)
         metrics.update(torch.sigmoid(logits), y)
         between_batches()
-    model.train()
+    engine.train(True)
     return total / count, metrics.compute()
 
 
 def run(cfg: FinetuneConfig) -> Path:
     """Fine-tune one (model, fold, variant); returns the path of ``metrics.json``."""
-    engine = Engine.setup(cfg.device)
-    rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
-    try:
-        return _finetune(cfg, engine, rundir)
-    finally:
-        rundir.release()
+    name = f"{cfg.model}/{cfg.variant}/fold-{cfg.fold}"
+    return run_job(cfg, "finetune", name, lambda session: _finetune(cfg, session))
 
 
-def _finetune(cfg: FinetuneConfig, engine: Engine, rundir: RunDir) -> Path:
+def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
+    engine = session.engine
     cfg.check_world_size(engine.world_size)
-    result_file = cfg.result_file()
-    identity = cfg.identity(engine.world_size)
-    complete, last = open_run(rundir, identity, result_file, cfg.force_resume)
-    if complete:
-        print(f"finetune: {result_file} exists, nothing to do")
-        return result_file
-    watcher = PreemptionWatcher()
     manifest = load_manifest(cfg.data)
     cfg.check_inputs(manifest, engine.world_size)
     # the test split is read only after training: a damaged test shard must stop the job now
     verify_before_training(
-        cfg.data, manifest.shards_of("test"), watcher, "before training (verifying test shards)"
+        cfg.data,
+        manifest.shards_of("test"),
+        session.watcher,
+        "before training (verifying test shards)",
     )
     train_keys, val_keys = manifest.fold_keys(cfg.fold)
-    model = build_initial_model(cfg, manifest).to(engine.device)
+    model = build_initial_model(cfg, manifest)
 
     def loader(split: str, keys: list[str] | None, train: bool):
         return make_loader(
@@ -209,85 +211,56 @@ def _finetune(cfg: FinetuneConfig, engine: Engine, rundir: RunDir) -> Path:
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.1, patience=cfg.lr_patience
     )
+    net = engine.prepare(Supervised(model), optimizer)
 
     # progress: epochs completed, batches done in the current one and their loss sums
     epoch, done, total, count = 0, 0, 0.0, 0
     curve, best = [], {"val_loss": float("inf"), "epoch": -1, "state": None}
-    if last is not None:
-        state = load_file(last, "checkpoint")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        plateau.load_state_dict(state["plateau"])
+    if (state := session.resume()) is not None:
         epoch, done, total, count = state["epoch"], state["done"], state["total"], state["count"]
-        curve = state["curve"]
-        best = {
-            "val_loss": state["best_val_loss"],
-            "epoch": state["best_epoch"],
-            "state": state["best_model"],
-        }
-        print(f"finetune: resuming from {last} (epoch {epoch}, batch {done} of {per_epoch})")
-    record_start(rundir, to_dict(cfg), identity, cfg.data, epoch * per_epoch + done)
-    tracker = Tracker(
-        rundir,
-        to_dict(cfg),
-        stage="finetune",
-        name=f"{cfg.model}/{cfg.variant}/fold-{cfg.fold}",
-        group=Path(cfg.out).name,
-        mode=cfg.wandb,
-        project=cfg.project,
-    )
-    print(
-        f"finetune: {cfg.model} ({cfg.variant}) fold {cfg.fold}: {len(train_keys)} train, {len(val_keys)} "
+        curve, best = state["curve"], state["best"]
+        plateau.load_state_dict(state["plateau"])
+        session.log(f"resuming from {session.last} (epoch {epoch}, batch {done} of {per_epoch})")
+    tracker = session.start(to_dict(cfg), epoch * per_epoch + done)
+    session.log(
+        f"{cfg.model} ({cfg.variant}) fold {cfg.fold}: {len(train_keys)} train, {len(val_keys)} "
         f"validation, {manifest.counts['test']} test images"
     )
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            rundir.checkpoints,
+    session.watch(
+        lambda: (
             epoch * per_epoch + done,
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "plateau": plateau.state_dict(),
                 "epoch": epoch,
                 "done": done,
                 "total": total,
                 "count": count,
                 "curve": curve,
-                "best_val_loss": best["val_loss"],
-                "best_epoch": best["epoch"],
-                "best_model": best["state"],
+                "best": best,
+                "plateau": plateau.state_dict(),
             },
         )
-
-    def stop_if_preempted(save: bool) -> None:
-        """On SLURM's warning: save the progress since the last checkpoint (if any), requeue."""
-        if watcher.should_stop():
-            if save:
-                checkpoint()
-            tracker.finish()
-            watcher.requeue(f"epoch {epoch}, batch {done}")
+    )
 
     start = time.perf_counter()
-    model.train()
+    engine.train()
     while epoch < cfg.epochs and epoch - best["epoch"] <= cfg.patience:
         train_loader.dataset.set_epoch(epoch)
         batches = iter(train_loader) if done < per_epoch else iter(())
         for i, batch in enumerate(batches):
             if i < done:  # resuming mid-epoch: the epoch's order is deterministic
-                stop_if_preempted(save=False)
+                session.stop_if_preempted(save=False)
                 continue
-            x = batch["image"].to(engine.device).float() / 255
-            loss = supervised_loss(model, loss_fn, x, batch["mask"].to(engine.device))
+            x = engine.inputs(batch["image"].float() / 255)
+            with engine.autocast():
+                heads = net(x)
+            loss = supervised_loss(heads, loss_fn, batch["mask"].to(engine.device))
             if not torch.isfinite(loss):
                 raise UserError(f"the loss became {loss.item()} in epoch {epoch}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            engine.step(loss)
             total, count, done = total + loss.item() * len(x), count + len(x), i + 1
-            stop_if_preempted(save=True)
+            session.stop_if_preempted(save=True)
         val_loss, _ = evaluate(
-            model, val_loader, loss_fn, engine.device, lambda: stop_if_preempted(save=True)
+            engine, net, val_loader, loss_fn, lambda: session.stop_if_preempted(save=True)
         )
         plateau.step(val_loss)
         point = {
@@ -299,18 +272,14 @@ def _finetune(cfg: FinetuneConfig, engine: Engine, rundir: RunDir) -> Path:
         curve.append(point)
         tracker.log(point, epoch + 1)
         if val_loss < best["val_loss"]:
-            best = {
-                "val_loss": val_loss,
-                "epoch": epoch,
-                "state": copy.deepcopy(model.state_dict()),
-            }
+            best = {"val_loss": val_loss, "epoch": epoch, "state": engine.export()}
         epoch, done, total, count = epoch + 1, 0, 0.0, 0
-        checkpoint()
-        stop_if_preempted(save=False)
+        session.save(*session.progress())
+        session.stop_if_preempted(save=False)
 
-    model.load_state_dict(best["state"])
+    engine.load_weights(best["state"])
     test_loss, test = evaluate(
-        model, test_loader, loss_fn, engine.device, lambda: stop_if_preempted(save=False)
+        engine, net, test_loader, loss_fn, lambda: session.stop_if_preempted(save=False)
     )
     result = {
         "model": cfg.model,
@@ -324,14 +293,13 @@ def _finetune(cfg: FinetuneConfig, engine: Engine, rundir: RunDir) -> Path:
         "validation_curve": curve,
         "train_seconds": time.perf_counter() - start,
     }
-    tracker.summary(
+    session.finish(
         {f"test_{k}": v for k, v in test["mean"].items()} | {"epoch_kept": best["epoch"]}
     )
-    tracker.finish()
-    watcher.close()
-    write_json(result_file, result)
-    print(
-        f"finetune: {cfg.model} ({cfg.variant}) fold {cfg.fold}: test dice {test['mean']['dice']:.3f} "
-        f"iou {test['mean']['iou']:.3f} precision {test['mean']['precision']:.3f} (epoch kept {best['epoch']})"
+    write_json(cfg.result_file(), result)
+    session.log(
+        f"{cfg.model} ({cfg.variant}) fold {cfg.fold}: test dice {test['mean']['dice']:.3f} "
+        f"iou {test['mean']['iou']:.3f} precision {test['mean']['precision']:.3f} "
+        f"(epoch kept {best['epoch']})"
     )
-    return result_file
+    return cfg.result_file()

@@ -19,6 +19,13 @@ from hpc_btunet.config import check_values, option, to_dict
 from hpc_btunet.data.manifest import MANIFEST_NAME, sha256_file
 from hpc_btunet.errors import UserError
 from hpc_btunet.tracking import MODES
+from hpc_btunet.train.engine import (
+    ENGINES,
+    PRECISIONS,
+    EngineSpec,
+    check_precision,
+    pick_device,
+)
 
 
 @dataclass
@@ -44,6 +51,29 @@ class JobConfig:
         identity=False,
     )
     project: str = option("hpc_btunet", "Weights & Biases project", identity=False)
+    engine: str = option(
+        "ddp", "training engine: ddp, or deepspeed (ZeRO partitioning)", choices=ENGINES
+    )
+    precision: str = option(
+        "fp32",
+        "fp32, bf16, or fp16 (CUDA only, with loss scaling); the loss and BatchNorm statistics "
+        "stay fp32",
+        choices=PRECISIONS,
+    )
+    zero_stage: int = option(
+        0,
+        "DeepSpeed ZeRO stage: 0, 1 (optimiser state partitioned over ranks), 2 (and gradients)",
+        choices=(0, 1, 2),
+    )
+    grad_clip: float = option(0.0, "clip the global gradient norm to this (0: off)", min=0)
+    channels_last: bool = option(
+        False, "channels-last memory format (faster convolutions on recent GPUs)", identity=False
+    )
+    deepspeed_config: Path | None = option(
+        None,
+        "a DeepSpeed JSON file merged over the config the flags generate (--engine deepspeed)",
+        identity=False,
+    )
     force_resume: bool = option(
         False,
         "resume or complete a run folder written with other options (the differences are "
@@ -61,6 +91,27 @@ class JobConfig:
         check_values(self)
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is a file: choose a folder (new or existing)")
+        if self.engine != "deepspeed":
+            if self.zero_stage:
+                raise UserError(
+                    f"--zero-stage {self.zero_stage} is DeepSpeed's: add --engine deepspeed"
+                )
+            if self.deepspeed_config is not None:
+                raise UserError("--deepspeed-config needs --engine deepspeed")
+
+    def engine_spec(self) -> EngineSpec:
+        """What this job asks of its engine."""
+        return EngineSpec(
+            kind=self.engine,
+            precision=self.precision,
+            zero_stage=self.zero_stage,
+            grad_clip=self.grad_clip,
+            channels_last=self.channels_last,
+            batch_size=self.batch_size,
+            deepspeed_config=self.deepspeed_config,
+            device=self.device,
+            timeout_s=getattr(self, "dist_timeout", 600.0),
+        )
 
     def run_dir(self) -> Path:
         raise NotImplementedError
@@ -75,10 +126,15 @@ class JobConfig:
         """What the result depends on: options, dataset and inputs by content, world size."""
         values = to_dict(self)
         options = {f.name: values[f.name] for f in fields(self) if f.metadata.get("identity", True)}
+        engine_files = {}
+        if self.deepspeed_config is not None:
+            path = Path(self.deepspeed_config)
+            engine_files["deepspeed_config_sha256"] = sha256_file(path) if path.is_file() else None
         return {
             "options": options,
             "dataset_manifest_sha256": self._manifest_sha256(),
             **self.input_identity(),
+            **engine_files,
             "world_size": world_size,
         }
 
@@ -109,17 +165,35 @@ class JobConfig:
                 "(folds and models fan out as array tasks instead)"
             )
 
-    def preflight(self, world_size: int = 1) -> None:
+    def preflight(self, world_size: int = 1, device_type: str | None = None) -> None:
         """The checks a job would fail on at its start (dataset, model, image size, batch,
-        world size), made before it is submitted, so that a mistake costs no queue time."""
+        world size, engine and precision), made before it is submitted, so that a mistake costs
+        no queue time. ``device_type`` is where the job will run (``cuda`` or ``cpu``; None:
+        this machine's)."""
         from hpc_btunet.data import load_manifest
         from hpc_btunet.models import build_model, check_input_size
 
         self.check_world_size(world_size)
+        self.check_engine(world_size, device_type)
         manifest = load_manifest(self.data)
         model = build_model(self.model, in_channels=manifest.channels, **self.model_options())
         check_input_size(model, manifest.image_size)
         self.check_inputs(manifest, world_size)
+
+    def check_engine(self, world_size: int, device_type: str | None = None) -> None:
+        """The engine and precision on the job's device; DeepSpeed's merged config."""
+        import torch
+
+        if self.device != "auto":
+            device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        elif device_type is None:
+            device_type = pick_device("auto").type
+        check_precision(self.precision, torch.device(device_type))
+        if self.engine == "deepspeed":
+            from hpc_btunet.train.deepspeed_engine import build_config, import_deepspeed
+
+            import_deepspeed(torch.device(device_type))
+            build_config(self.engine_spec(), world_size)
 
     def check_inputs(self, manifest, world_size: int) -> None:
         """Job-specific checks against the dataset (a job overrides)."""

@@ -22,14 +22,11 @@ from hpc_btunet.data import load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, model_signature
 from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
-from hpc_btunet.tracking import Tracker
-from hpc_btunet.train.checkpoint import latest_checkpoint, load_file, save_checkpoint, save_weights
-from hpc_btunet.train.engine import Engine
+from hpc_btunet.train.checkpoint import latest_checkpoint, save_weights
 from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
-from hpc_btunet.train.preemption import PreemptionWatcher
-from hpc_btunet.train.run import RunDir, open_run, record_start
+from hpc_btunet.train.session import Session, run_job
 
 MIN_GLOBAL_BATCH = 2
 
@@ -82,6 +79,12 @@ class PretrainConfig(JobConfig):
         super().__post_init__()
         if self.steps is None and self.epochs is None:
             raise UserError("set --epochs (at least 1) or --steps")
+        if self.optimizer == "lars" and self.engine == "deepspeed" and self.zero_stage > 0:
+            raise UserError(
+                f"--optimizer lars with --zero-stage {self.zero_stage}: LARS scales each tensor's "
+                "update by that tensor's norms, but ZeRO hands the optimiser flat partitions "
+                "that mix tensors; use --zero-stage 0, --engine ddp, or --optimizer adam"
+            )
 
     def run_dir(self) -> Path:
         return Path(self.out) / "pretrain" / self.model
@@ -115,29 +118,20 @@ class SiameseNet(nn.Module):
 
 def run(cfg: PretrainConfig) -> Path:
     """Pre-train; returns the path of ``encoder.pt``."""
-    engine = Engine.setup(cfg.device, cfg.dist_timeout)
-    rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
-    try:
-        return _pretrain(cfg, engine, rundir)
-    finally:
-        rundir.release()
+    return run_job(cfg, "pretrain", cfg.model, lambda session: _pretrain(cfg, session))
 
 
-def _pretrain(cfg: PretrainConfig, engine: Engine, rundir: RunDir) -> Path:
-    encoder_file = cfg.result_file()
-    identity = cfg.identity(engine.world_size)
-    complete, last = open_run(rundir, identity, encoder_file, cfg.force_resume)
-    if complete:
-        if engine.is_main:
-            print(f"pretrain: {encoder_file} exists, nothing to do")
-        return encoder_file
-    watcher = PreemptionWatcher()
+def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
+    engine = session.engine
     manifest = load_manifest(cfg.data)
     cfg.check_world_size(engine.world_size)
     cfg.check_inputs(manifest, engine.world_size)
     if cfg.verify:
         verify_before_training(
-            cfg.data, manifest.shards_of("train"), watcher, "before training (verifying shards)"
+            cfg.data,
+            manifest.shards_of("train"),
+            session.watcher,
+            "before training (verifying shards)",
         )
 
     model_options = cfg.model_options()
@@ -149,7 +143,7 @@ def _pretrain(cfg: PretrainConfig, engine: Engine, rundir: RunDir) -> Path:
         hidden_dim=cfg.projector_width or manifest.image_size // 2,
         num_layers=cfg.projector_layers,
     )
-    net = engine.wrap(SiameseNet(model.encoder, projector))
+    siamese = SiameseNet(model.encoder, projector)
 
     loader = make_loader(
         cfg.data,
@@ -166,97 +160,53 @@ def _pretrain(cfg: PretrainConfig, engine: Engine, rundir: RunDir) -> Path:
     per_epoch = len(loader)
     total = cfg.steps or cfg.epochs * per_epoch
     global_batch = cfg.batch_size * engine.world_size
-    optimizer = build_optimizer(cfg.optimizer, net, cfg.lr, cfg.weight_decay, global_batch)
+    optimizer = build_optimizer(cfg.optimizer, siamese, cfg.lr, cfg.weight_decay, global_batch)
     scheduler = warmup_cosine(optimizer, total, cfg.warmup_steps)
+    net = engine.prepare(siamese, optimizer, scheduler)
     loss_fn = BarlowTwinsLoss(lambd=cfg.lambd)
     make_views = TwoViews(
         ViewConfig(crop_scale=(cfg.crop_scale, 1.0), rotation_degrees=cfg.rotation)
     )
 
     step, last_loss = 0, float("nan")
-    if last is not None:
-        state = load_file(last, "checkpoint")
-        Engine.unwrap(net).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, last_loss = state["step"], state.get("loss", last_loss)
-        if engine.is_main:
-            print(f"pretrain: resuming from {last} (step {step} of {total})")
+    if (state := session.resume()) is not None:
+        step, last_loss = state["step"], state["loss"]
+        session.log(f"resuming from {session.last} (step {step} of {total})")
     extra = {"global_batch": global_batch, "total_steps": total}
-    record_start(rundir, to_dict(cfg) | extra, identity, cfg.data, step)
-    tracker = Tracker(
-        rundir,
+    tracker = session.start(
+        to_dict(cfg) | extra,
+        step,
         to_dict(cfg) | {"global_batch": global_batch, "world_size": engine.world_size},
-        stage="pretrain",
-        name=cfg.model,
-        group=Path(cfg.out).name,
-        mode=cfg.wandb,
-        project=cfg.project,
     )
-    if engine.is_main:
-        print(
-            f"pretrain: {cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "
-            f"batch {cfg.batch_size} = global batch {global_batch}, {per_epoch} steps/epoch, {total} steps, "
-            f"device {engine.device}"
-        )
+    session.log(
+        f"{cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "
+        f"batch {cfg.batch_size} = global batch {global_batch}, {per_epoch} steps/epoch, "
+        f"{total} steps, device {engine.device}, engine {engine.kind} ({cfg.precision})"
+    )
+    session.watch(lambda: (step, {"step": step, "epoch": step // per_epoch, "loss": last_loss}))
 
-    def checkpoint() -> Path | None:
-        if not engine.is_main:
-            return None
-        return save_checkpoint(
-            rundir.checkpoints,
-            step,
-            {
-                "model": Engine.unwrap(net).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "step": step,
-                "epoch": step // per_epoch,
-                "loss": last_loss,
-                "config": to_dict(cfg),
-            },
-        )
-
-    def stop_if_preempted(save: bool) -> None:
-        """Every rank, same step: on SLURM's warning, save (when there is progress) and requeue."""
-        if not watcher.should_stop():
-            return
-        if save:
-            checkpoint()
-        engine.barrier()
-        tracker.finish()
-        if engine.is_main:
-            print(f"pretrain: preempted at step {step}: checkpoint saved, requeueing", flush=True)
-        watcher.requeue(f"step {step}")
-
-    net.train()
+    engine.train()
     tick, images = time.perf_counter(), 0
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         loader.dataset.set_epoch(epoch)
         for i, batch in enumerate(loader):
-            if (
-                i < skip
-            ):  # resuming mid-epoch: the epoch's order is deterministic, skip what was done
-                stop_if_preempted(save=False)
+            if i < skip:  # resuming mid-epoch: the epoch's order is deterministic
+                session.stop_if_preempted(save=False)
                 continue
             x = batch["image"].to(engine.device, non_blocking=True)
             view_a, view_b = make_views(x, seed=cfg.seed, step=step, rank=engine.rank)
-            z_a, z_b = net(view_a), net(view_b)
+            with engine.autocast():
+                z_a, z_b = net(engine.inputs(view_a)), net(engine.inputs(view_b))
             loss = loss_fn(z_a, z_b)
             if not engine.all_finite(loss.detach()):
-                good = latest_checkpoint(rundir.checkpoints)
+                good = latest_checkpoint(session.rundir.checkpoints)
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at step {step}: training stopped; the last good "
                     f"checkpoint is {good or 'none (no checkpoint was written yet)'}; lower --lr or "
                     "check the data"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            engine.step(loss)
             step, last_loss = step + 1, loss.item()
             images += global_batch
             if step % cfg.log_every == 0 or step == total:
@@ -272,30 +222,26 @@ def _pretrain(cfg: PretrainConfig, engine: Engine, rundir: RunDir) -> Path:
                     **stats,
                 }
                 tracker.log(record, step)
-                if engine.is_main:
-                    print(
-                        f"pretrain: step {step}/{total} loss {record['loss']:.4g} "
-                        f"on-diag {stats['on_diag_mean']:.3f} off-diag rms {stats['off_diag_rms']:.3f} "
-                        f"{record['images_per_s']:.1f} img/s"
-                    )
+                session.log(
+                    f"step {step}/{total} loss {record['loss']:.4g} "
+                    f"on-diag {stats['on_diag_mean']:.3f} off-diag rms {stats['off_diag_rms']:.3f} "
+                    f"{record['images_per_s']:.1f} img/s"
+                )
                 tick, images = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == total:
-                checkpoint()
+                session.save(*session.progress())
             if step >= total:
                 break
-            stop_if_preempted(save=True)
+            session.stop_if_preempted(save=True)
 
+    encoder_file = cfg.result_file()
+    weights = engine.export()  # every rank: gathered from ZeRO partitions
     if engine.is_main:
         signature = model_signature(cfg.model, in_channels=manifest.channels, **model_options)
-        save_weights(
-            encoder_file,
-            Engine.unwrap(net).encoder.state_dict(),
-            signature | {"image_size": manifest.image_size},
-        )
-        print(f"pretrain: wrote {encoder_file}")
-    tracker.summary({"final_loss": last_loss, "steps": step})
-    tracker.finish()
-    watcher.close()
-    engine.barrier()
-    engine.close()
+        encoder = {
+            k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")
+        }
+        save_weights(encoder_file, encoder, signature | {"image_size": manifest.image_size})
+        session.log(f"wrote {encoder_file}")
+    session.finish({"final_loss": last_loss, "steps": step})
     return encoder_file

@@ -92,7 +92,7 @@ class RunDir:
         """Refuse to skip or resume this folder when ``identity`` differs from the recorded one.
 
         Raises ``UserError`` listing the differing options and the way out."""
-        started = complete or any(self.checkpoints.glob("step-*.pt"))
+        started = complete or any(self.checkpoints.glob("step-*"))
         if not started:
             return
         recorded = (self.recorded() or {}).get("identity")

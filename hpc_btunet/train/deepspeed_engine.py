@@ -1,0 +1,314 @@
+"""The DeepSpeed engine: ``deepspeed.initialize`` with a config generated from the job's flags.
+
+Config. The toolkit's flags decide the micro-batch (``--batch-size``), the global batch, ZeRO's
+stage (``--zero-stage 0|1|2``), the precision and gradient clipping; ``--deepspeed-config FILE``
+merges a user's JSON over that (communication, bucket sizes, logging, ...). Unknown top-level keys
+fail listing the valid ones (those the installed DeepSpeed reads), and a key that contradicts a
+flag fails naming both. The merged config is written next to the run's ``config.yaml`` as
+``deepspeed.json``.
+
+What DeepSpeed does not do for us, and how this engine makes up for it:
+
+- It broadcasts parameters at start-up, never buffers: BatchNorm running statistics are
+  broadcast from rank 0 here, and BatchNorm statistics are global during training, so every rank
+  holds the same buffers and the exported weights do not depend on which rank saved them.
+- Its bf16/fp16 modes cast the *parameters* to half precision but keep buffers in fp32, which
+  ``nn.BatchNorm`` and ``nn.SyncBatchNorm`` cannot run with; every BatchNorm then becomes our
+  ``GlobalBatchNorm``, which computes in fp32 (and globally when the world size is above one).
+  In fp32, BatchNorm is converted to ``nn.SyncBatchNorm`` on CUDA before ``deepspeed.initialize``
+  (converting afterwards fails).
+- It does not cast inputs: ``inputs()`` does.
+- It loads checkpoints with ``torch.load(weights_only=False)``: this engine's checkpoint reader
+  loads them with ``weights_only=True``, allowing only the three DeepSpeed classes its optimiser
+  states hold.
+- It averages gradients over ranks like DDP, so the Barlow Twins loss's autograd-aware gather
+  gives the exact global-batch gradient here too.
+
+LARS: ZeRO 1 and 2 hand the optimiser flat partitions that mix tensors, where LARS's per-tensor
+trust ratios are meaningless; that combination is refused before submission
+(:meth:`hpc_btunet.train.job.JobConfig` checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpc_btunet import distributed
+from hpc_btunet.errors import UserError
+from hpc_btunet.global_batchnorm import convert_global_batchnorm
+from hpc_btunet.train.engine import HALF, Engine, EngineSpec, plain
+
+CONFIG_NAME = "deepspeed.json"
+# keys of the generated config that belong to the toolkit's flags, and the flag that owns each
+OWNED = {
+    "train_batch_size": "--batch-size x world size",
+    "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "(always 1: a batch-dependent loss cannot accumulate)",
+    "gradient_clipping": "--grad-clip",
+    "zero_optimization.stage": "--zero-stage",
+    "bf16.enabled": "--precision",
+    "fp16.enabled": "--precision",
+}
+# sections that would replace what the job builds itself
+REFUSED = {
+    "optimizer": "--optimizer, --lr and --weight-decay",
+    "scheduler": "--warmup-steps (the job's own schedule)",
+}
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed for ``device`` (its accelerator is chosen once, at import), quietly."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except Exception as e:  # a broken install can fail in many ways at import
+        raise UserError(
+            f"--engine deepspeed: DeepSpeed cannot be imported here ({type(e).__name__}: {e}); "
+            "reinstall it or use --engine ddp"
+        ) from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def generated_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config the flags ask for."""
+    return {
+        "train_batch_size": spec.batch_size * world_size,
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "fp16": {
+            "enabled": spec.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+        },
+        "zero_allow_untested_optimizer": True,  # our Adam/LARS objects, not DeepSpeed's own
+        "steps_per_print": 2**31 - 1,  # the job logs
+        "wall_clock_breakdown": False,
+    }
+
+
+def valid_keys() -> list[str]:
+    """The top-level keys the installed DeepSpeed reads from a config (recorded while it parses
+    one), so that a misspelled key fails instead of being ignored."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def keys(self):  # `key in config.keys()` is the other way DeepSpeed asks
+            return RecordingKeys(self)
+
+    class RecordingKeys:
+        def __init__(self, d):
+            self.d = d
+
+        def __contains__(self, key):
+            return key in self.d
+
+        def __iter__(self):
+            return iter(dict.keys(self.d))
+
+        def __len__(self):
+            return len(self.d)
+
+    config = Recording(generated_config(EngineSpec(batch_size=1), 1))
+    with contextlib.suppress(Exception):  # only the keys it looked at matter
+        DeepSpeedConfig(config)
+    return sorted(seen | set(generated_config(EngineSpec(batch_size=1), 1)) | set(REFUSED))
+
+
+def read_user_config(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--deepspeed-config {path} does not exist: check the path")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--deepspeed-config {path} is not JSON ({e}): fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--deepspeed-config {path} must hold a JSON object (a mapping of keys)")
+    return data
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
+    """The generated config with the user's file merged over it; every conflict is refused."""
+    config = generated_config(spec, world_size)
+    if spec.deepspeed_config is None:
+        return config
+    path = spec.deepspeed_config
+    user = read_user_config(path)
+    unknown = sorted(set(user) - set(valid_keys()))
+    if unknown:
+        raise UserError(
+            f"--deepspeed-config {path}: unknown key(s) {', '.join(unknown)}; valid keys: "
+            + ", ".join(valid_keys())
+        )
+    for key, flags in REFUSED.items():
+        if key in user:
+            raise UserError(
+                f"--deepspeed-config {path} sets {key!r}: the job builds its own; use {flags}"
+            )
+    ours, theirs = _flatten(config), _flatten(user)
+    for key, flag in OWNED.items():
+        if key in theirs and theirs[key] != ours[key]:
+            raise UserError(
+                f"--deepspeed-config {path} sets {key} = {theirs[key]!r}, but the flags give "
+                f"{ours[key]!r} ({flag}): remove it from the file or change the flag"
+            )
+    return _merge(config, user)
+
+
+def _safe_loader(checkpoint_engine):
+    """DeepSpeed's checkpoint reader with ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def __init__(self, spec: EngineSpec, device: torch.device, placement: distributed.Placement):
+        super().__init__(spec, device, placement)
+        self.deepspeed = import_deepspeed(device)
+        # DeepSpeed asserts LOCAL_RANK is set; the placement exports it only for several ranks
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+        if not distributed.is_distributed():  # DeepSpeed needs a process group, even of one
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+            )
+        self.deepspeed.init_distributed(
+            dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
+        )
+        self.config = build_config(spec, self.world_size)
+        self.ds = None
+
+    def config_files(self):
+        return {CONFIG_NAME: self.config}
+
+    def meta(self):
+        return super().meta() | {"zero_stage": self.spec.zero_stage}
+
+    def _convert_batchnorm(self, module):
+        if self.spec.precision in HALF:  # parameters in half precision, buffers in fp32
+            return convert_global_batchnorm(module)
+        return super()._convert_batchnorm(module)
+
+    def prepare(self, module, optimizer, scheduler=None):
+        self.module = self._convert_batchnorm(self._place(module))
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.ds, *_ = self.deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=self.config, dist_init_required=False
+        )
+        _safe_loader(self.ds.checkpoint_engine)
+        self._broadcast_buffers()
+        return self.ds
+
+    def _broadcast_buffers(self) -> None:
+        if self.world_size > 1:
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, 0)
+
+    def inputs(self, x):
+        x = super().inputs(x)
+        return x.to(HALF[self.spec.precision]) if self.spec.precision in HALF else x
+
+    def step(self, loss):
+        self.ds.backward(loss)
+        self.ds.step()  # clips, unscales, steps and zeroes the gradients
+        if self.ds.was_step_applied() and self.scheduler is not None:
+            self.scheduler.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def save(self, folder):
+        folder = Path(folder)
+        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        if self.is_main:
+            self._save_schedule(folder)
+
+    def load(self, folder):
+        folder = Path(folder)
+        path, _ = self.ds.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise UserError(f"checkpoint {folder} holds no DeepSpeed state: remove it")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(self._load_state(folder)["scheduler"])
+
+    def export(self):
+        """fp32 master weights where DeepSpeed keeps them (gathered from the ZeRO partitions),
+        the module's own tensors otherwise; buffers as they are (fp32)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = dict(self.module.named_parameters())
+        out = {}
+        for name, value in self.module.state_dict().items():
+            if name in params:
+                full = safe_get_full_fp32_param(params[name])
+                value = full if full is not None else value
+            out[name] = plain(value)
+        return out
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """After a backward, before the step: every parameter's full gradient (tests)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return {
+            n: safe_get_full_grad(p).detach().float().cpu()
+            for n, p in self.module.named_parameters()
+        }

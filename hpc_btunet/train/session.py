@@ -1,0 +1,184 @@
+"""A job's run on its engine: the one path for starting, resuming, checkpointing and preemption
+that every job (pre-training, fine-tuning) shares.
+
+``run_job(cfg, stage, name, body)`` builds the engine from the config, opens the run folder
+(lock, identity, newest intact checkpoint: :func:`hpc_btunet.train.run.open_run`) and calls
+``body(session)`` unless the run is complete. The body builds its model, hands it to the engine,
+then:
+
+- ``state = session.resume()``: the engine's state and the job's own progress (a dict) from the
+  newest intact checkpoint, or None for a new run;
+- ``session.start(config, position)``: records the config and opens the tracker;
+- ``session.watch(progress)``: ``progress()`` returns ``(position, state)``, what a checkpoint
+  made now would hold; ``session.stop_if_preempted()`` after every batch saves it and requeues
+  when SLURM's warning arrived on any rank;
+- ``session.save(position, state)``: a checkpoint, collectively.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` (``position`` is the job's count of
+batches done). Every rank writes its share into ``.step-NNNNNNNN.partial/`` (DeepSpeed's ZeRO
+partitions; under DDP rank 0 writes everything), the main process writes the job's progress
+(``job.pt``), and after a barrier the main process writes the marker (``complete.json``: engine,
+world size, precision and every file with its size) last and renames the folder. A kill at any
+point before that rename leaves the previous checkpoint as the newest; the partial folder is
+removed by the next writer of the run folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_btunet.atomic import write_json
+from hpc_btunet.errors import UserError
+from hpc_btunet.tracking import Tracker
+from hpc_btunet.train import checkpoint
+from hpc_btunet.train.engine import Engine, create_engine
+from hpc_btunet.train.preemption import PreemptionWatcher
+from hpc_btunet.train.run import RunDir, open_run, record_start
+
+Progress = Callable[[], tuple[int, dict[str, Any]]]
+
+
+class Session:
+    def __init__(self, cfg, engine: Engine, stage: str, name: str) -> None:
+        self.cfg, self.engine, self.stage, self.name = cfg, engine, stage, name
+        self.rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
+        self.identity = cfg.identity(engine.world_size)
+        self.last: Path | None = None
+        self.watcher: PreemptionWatcher | None = None
+        self.tracker: Tracker | None = None
+        self._progress: Progress | None = None
+
+    def open(self) -> bool:
+        """Become the run folder's writer and check it; True when the run is complete."""
+        complete, self.last = open_run(
+            self.rundir, self.identity, self.cfg.result_file(), self.cfg.force_resume
+        )
+        if not complete and self.engine.is_main:
+            checkpoint.remove_partial(self.rundir.checkpoints)
+            for name, content in self.engine.config_files().items():
+                write_json(self.rundir.path / name, content)
+        self.watcher = None if complete else PreemptionWatcher()
+        return complete
+
+    def log(self, message: str) -> None:
+        if self.engine.is_main:
+            print(f"{self.stage}: {message}", flush=True)
+
+    # --- resume and checkpoints ----------------------------------------------------------------
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the engine from the newest intact checkpoint and return the job's progress
+        saved with it (None when the run starts afresh). Every rank calls it."""
+        if self.last is None:
+            return None
+        meta = checkpoint.read_marker(self.last)
+        self._check_compatible(meta)
+        self.engine.load(self.last)
+        state = checkpoint.load_file(self.last / checkpoint.JOB_STATE, "checkpoint")
+        torch.set_rng_state(state.pop("rng"))
+        return state
+
+    def _check_compatible(self, meta: dict) -> None:
+        mine = self.engine.meta()
+        if meta.get("engine") != mine["engine"]:
+            raise UserError(
+                f"checkpoint {self.last} was written by the {meta.get('engine')} engine, but this "
+                f"run uses --engine {mine['engine']}: rerun with --engine {meta.get('engine')} to "
+                f"resume it, or choose another --out"
+            )
+        changed = [
+            f"{key} {meta.get(key)} (checkpoint) vs {mine[key]} (now)"
+            for key in ("world_size", "zero_stage")
+            if key in mine and meta.get(key) != mine[key]
+        ]
+        if changed and mine["engine"] == "deepspeed":
+            raise UserError(
+                f"checkpoint {self.last} cannot be resumed by DeepSpeed with a different layout "
+                f"({'; '.join(changed)}): rerun with the same --nodes/--tasks-per-node and "
+                "--zero-stage, or choose another --out"
+            )
+
+    def save(self, position: int, state: dict[str, Any]) -> Path | None:
+        """A checkpoint of the engine and the job's ``state`` at ``position`` (collective)."""
+        engine, folder = self.engine, self.rundir.checkpoints
+        partial = checkpoint.partial_dir(folder, position)
+        if engine.is_main:
+            checkpoint.prepare_partial(folder, position)
+        engine.barrier()
+        engine.save(partial)
+        if engine.is_main:
+            checkpoint.save_file(
+                partial / checkpoint.JOB_STATE, state | {"rng": torch.get_rng_state()}
+            )
+        engine.barrier()  # every rank's files are written
+        final = None
+        if engine.is_main:
+            final = checkpoint.commit(partial, engine.meta() | {"position": position})
+        engine.barrier()
+        return final
+
+    # --- preemption ----------------------------------------------------------------------------
+
+    def watch(self, progress: Progress) -> None:
+        """``progress()`` gives what a checkpoint made now holds: ``(position, state)``."""
+        self._progress = progress
+
+    def progress(self) -> tuple[int, dict[str, Any]]:
+        return self._progress()
+
+    def stop_if_preempted(self, save: bool = True) -> None:
+        """Every rank, at the same point: on SLURM's warning, save the progress since the last
+        checkpoint (``save``) and requeue. Never returns when it stops."""
+        if not self.watcher.should_stop():
+            return
+        position, state = self.progress()
+        if save:
+            self.save(position, state)
+        self.engine.barrier()
+        if self.tracker is not None:
+            self.tracker.finish()
+        self.log(f"preempted at step {position}: checkpoint saved, requeueing")
+        self.watcher.requeue(f"step {position}")
+
+    # --- start and end -------------------------------------------------------------------------
+
+    def start(self, config: dict, position: int, tracked: dict | None = None) -> Tracker:
+        """Record the config (and identity) and open the tracker."""
+        record_start(self.rundir, config, self.identity, self.cfg.data, position)
+        self.tracker = Tracker(
+            self.rundir,
+            tracked or config,
+            stage=self.stage,
+            name=self.name,
+            group=Path(self.cfg.out).name,
+            mode=self.cfg.wandb,
+            project=self.cfg.project,
+        )
+        return self.tracker
+
+    def finish(self, summary: dict) -> None:
+        self.tracker.summary(summary)
+        self.tracker.finish()
+        self.watcher.close()
+        self.engine.barrier()
+
+
+def run_job(cfg, stage: str, name: str, body: Callable[[Session], Path]) -> Path:
+    """Build the engine, open the run folder, and run ``body`` unless the run is complete."""
+    engine = create_engine(cfg.engine_spec())
+    session = Session(cfg, engine, stage, name)
+    try:
+        if session.open():
+            session.log(f"{cfg.result_file()} exists, nothing to do")
+            return cfg.result_file()
+        result = body(session)
+        engine.close()
+        return result
+    finally:
+        session.rundir.release()
+        sys.stdout.flush()

@@ -37,8 +37,13 @@ def cli(*args):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkill_then_rerun_equals_uninterrupted_run(data, tmp_path):
-    common = ["--data", data, "--steps", 24, "--checkpoint-every", 4, *TINY]
+@pytest.mark.parametrize(
+    "engine",
+    [["--engine", "ddp"], ["--engine", "deepspeed", "--zero-stage", "1"]],
+    ids=["ddp", "deepspeed"],
+)
+def test_sigkill_then_rerun_equals_uninterrupted_run(data, tmp_path, engine):
+    common = ["--data", data, "--steps", 24, "--checkpoint-every", 4, *TINY, *engine]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         cli(*common, "--out", tmp_path / "straight"), check=True, env=env, capture_output=True

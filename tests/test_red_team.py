@@ -123,6 +123,47 @@ def _make_world(root: Path) -> dict[str, Path]:
     (fold / "metrics.json").write_text(json.dumps({"model": "unet", "variant": "scratch"}))
     w["empty_path_dir"] = root / "emptybin"
     w["empty_path_dir"].mkdir()
+
+    # --deepspeed-config files: each wrong in one way
+    for name, text in {
+        "ds_broken": '{"train_batch_size": ',
+        "ds_list": "[1, 2]",
+        "ds_unknown": '{"zero_optimisation": {"stage": 1}}',
+        "ds_micro": '{"train_micro_batch_size_per_gpu": 3}',
+        "ds_global": '{"train_batch_size": 16}',
+        "ds_accumulate": '{"gradient_accumulation_steps": 2}',
+        "ds_clip": '{"gradient_clipping": 1.0}',
+        "ds_zero2": '{"zero_optimization": {"stage": 2}}',
+        "ds_bf16": '{"bf16": {"enabled": true}}',
+        "ds_optimizer": '{"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}',
+        "ds_scheduler": '{"scheduler": {"type": "WarmupLR"}}',
+    }.items():
+        w[name] = root / f"{name}.json"
+        w[name].write_text(text + "\n")
+    w["ds_binary"] = root / "ds_binary.json"
+    w["ds_binary"].write_bytes(b"\xff\xfe{}")
+    w["ds_folder"] = root / "ds-folder"
+    w["ds_folder"].mkdir()
+
+    # a run folder started by the ddp engine: a real 2-step run with its encoder removed, so that
+    # its config.yaml and checkpoints are what an interrupted ddp run leaves
+    w["started_ddp"] = root / "started_ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", "pretrain", "--data", str(w["data"])]
+        + ["--out", str(w["started_ddp"]), "--base-width", "4", "--depth", "2"]
+        + ["--batch-size", "4", "--steps", "2", "--checkpoint-every", "1"]
+        + ["--executor", "debug", "--engine", "ddp", "--wandb", "disabled"],
+        cwd=root,
+        env=dict(os.environ, WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    run = w["started_ddp"] / "pretrain" / "unet"
+    for name in ("encoder.pt", "encoder.json"):
+        (run / name).unlink()
+    assert (run / "checkpoints" / "step-00000002" / "complete.json").is_file()
     return w
 
 
@@ -139,6 +180,8 @@ def _tiny_png() -> bytes:
 
 PRE = ["pretrain", "--data", "{data}", "--out", "{root}/exp", *TINY, "--batch-size", "4"]
 FT = ["finetune", "--data", "{data}", "--out", "{root}/exp", *TINY]
+DS = [*PRE, "--engine", "deepspeed"]
+FT_DS = [*FT, "--engine", "deepspeed"]
 
 CASES = {
     # pack
@@ -293,6 +336,112 @@ CASES = {
         [*FT[:2], "{nolabels}", *FT[3:]],
         ["no labelled subset", "labelled dataset"],
     ),
+    # engines and precision
+    "engine-unknown": ([*PRE, "--engine", "horovod"], ["--engine", "invalid choice", "deepspeed"]),
+    "finetune-engine-unknown": (
+        [*FT, "--engine", "horovod"],
+        ["--engine", "invalid choice", "deepspeed"],
+    ),
+    "precision-unknown": ([*PRE, "--precision", "fp8"], ["--precision", "invalid choice", "bf16"]),
+    "zero-stage-three": ([*DS, "--zero-stage", "3"], ["--zero-stage", "invalid choice", "0, 1, 2"]),
+    "fp16-on-cpu": ([*PRE, "--precision", "fp16"], ["--precision fp16", "CUDA", "bf16"]),
+    "fp16-on-cpu-deepspeed": ([*DS, "--precision", "fp16"], ["--precision fp16", "bf16"]),
+    "finetune-fp16-on-cpu": ([*FT, "--precision", "fp16"], ["--precision fp16", "bf16"]),
+    "zero-stage-without-deepspeed": (
+        [*PRE, "--zero-stage", "1"],
+        ["--zero-stage 1", "--engine deepspeed"],
+    ),
+    "finetune-zero-stage-without-deepspeed": (
+        [*FT, "--zero-stage", "2"],
+        ["--zero-stage 2", "--engine deepspeed"],
+    ),
+    "deepspeed-config-without-deepspeed": (
+        [*PRE, "--deepspeed-config", "{ds_clip}"],
+        ["--deepspeed-config", "--engine deepspeed"],
+    ),
+    "finetune-deepspeed-config-without-deepspeed": (
+        [*FT, "--engine", "ddp", "--deepspeed-config", "{ds_clip}"],
+        ["--deepspeed-config", "--engine deepspeed"],
+    ),
+    "lars-with-zero": (
+        [*DS, "--optimizer", "lars", "--zero-stage", "1"],
+        [
+            "--optimizer lars",
+            "--zero-stage 1",
+            "--zero-stage 0",
+            "--engine ddp",
+            "--optimizer adam",
+        ],
+    ),
+    "lars-with-zero-two": (
+        [*DS, "--optimizer", "lars", "--zero-stage", "2"],
+        ["--optimizer lars", "--zero-stage 2", "--zero-stage 0"],
+    ),
+    # --deepspeed-config files
+    "deepspeed-config-missing": (
+        [*DS, "--deepspeed-config", "{root}/none.json"],
+        ["--deepspeed-config", "none.json", "does not exist"],
+    ),
+    "deepspeed-config-a-folder": (
+        [*DS, "--deepspeed-config", "{ds_folder}"],
+        ["--deepspeed-config", "ds-folder", "is a folder"],
+    ),
+    "deepspeed-config-not-json": (
+        [*DS, "--deepspeed-config", "{ds_broken}"],
+        ["ds_broken.json", "not JSON", "fix the file"],
+    ),
+    "deepspeed-config-binary": (
+        [*DS, "--deepspeed-config", "{ds_binary}"],
+        ["ds_binary.json", "not JSON"],
+    ),
+    "deepspeed-config-a-list": (
+        [*DS, "--deepspeed-config", "{ds_list}"],
+        ["ds_list.json", "JSON object"],
+    ),
+    "deepspeed-config-unknown-key": (
+        [*DS, "--deepspeed-config", "{ds_unknown}"],
+        ["unknown key(s) zero_optimisation", "valid keys", "zero_optimization", "bf16"],
+    ),
+    "deepspeed-config-micro-batch": (
+        [*DS, "--deepspeed-config", "{ds_micro}"],
+        ["train_micro_batch_size_per_gpu = 3", "the flags give 4 (--batch-size)"],
+    ),
+    "finetune-deepspeed-config-micro-batch": (
+        [*FT_DS, "--deepspeed-config", "{ds_micro}"],
+        ["train_micro_batch_size_per_gpu = 3", "the flags give 8 (--batch-size)"],
+    ),
+    "deepspeed-config-global-batch": (
+        [*DS, "--deepspeed-config", "{ds_global}"],
+        ["train_batch_size = 16", "the flags give 4", "--batch-size x world size"],
+    ),
+    "deepspeed-config-accumulation": (
+        [*DS, "--deepspeed-config", "{ds_accumulate}"],
+        ["gradient_accumulation_steps = 2", "always 1"],
+    ),
+    "deepspeed-config-clipping": (
+        [*DS, "--deepspeed-config", "{ds_clip}"],
+        ["gradient_clipping = 1.0", "--grad-clip"],
+    ),
+    "deepspeed-config-zero-stage": (
+        [*DS, "--zero-stage", "1", "--deepspeed-config", "{ds_zero2}"],
+        ["zero_optimization.stage = 2", "the flags give 1 (--zero-stage)"],
+    ),
+    "deepspeed-config-precision": (
+        [*DS, "--deepspeed-config", "{ds_bf16}"],
+        ["bf16.enabled", "--precision"],
+    ),
+    "deepspeed-config-optimizer": (
+        [*DS, "--deepspeed-config", "{ds_optimizer}"],
+        ["'optimizer'", "remove it", "the job builds its optimiser"],
+    ),
+    "finetune-deepspeed-config-optimizer": (
+        [*FT_DS, "--deepspeed-config", "{ds_optimizer}"],
+        ["'optimizer'", "remove it", "the job builds its optimiser"],
+    ),
+    "deepspeed-config-scheduler": (
+        [*DS, "--deepspeed-config", "{ds_scheduler}"],
+        ["'scheduler'", "remove it", "learning-rate schedule"],
+    ),
     # run folders
     "run-folder-locked": (
         [*PRE[:4], "{locked}", *PRE[5:]],
@@ -301,6 +450,15 @@ CASES = {
     "resume-with-other-options": (
         [*PRE[:4], "{started}", *PRE[5:], "--lr", "0.01"],
         ["lr: 0.001 (run) vs 0.01 (now)", "--force-resume"],
+    ),
+    "resume-ddp-run-with-deepspeed": (
+        [*PRE[:4], "{started_ddp}", *PRE[5:], "--steps", "2", "--engine", "deepspeed"],
+        ["was started with other options (engine: ddp (run) vs deepspeed (now))", "--force-resume"],
+    ),
+    "force-resume-ddp-run-with-deepspeed": (
+        [*PRE[:4], "{started_ddp}", *PRE[5:], "--steps", "2", "--engine", "deepspeed"]
+        + ["--force-resume"],
+        ["written by the ddp engine", "uses --engine deepspeed", "--engine ddp"],
     ),
     "complete-with-other-options": (
         [*PRE[:4], "{complete}", *PRE[5:], "--lr", "0.01"],

@@ -25,8 +25,8 @@ What DeepSpeed does not do for us, and how this engine makes up for it:
   gives the exact global-batch gradient here too.
 
 LARS: ZeRO 1 and 2 hand the optimiser flat partitions that mix tensors, where LARS's per-tensor
-trust ratios are meaningless; that combination is refused before submission
-(:meth:`hpc_btunet.train.job.JobConfig` checks it).
+trust ratios are meaningless; that combination is refused when the config is built
+(``PretrainConfig.__post_init__``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ CONFIG_NAME = "deepspeed.json"
 OWNED = {
     "train_batch_size": "--batch-size x world size",
     "train_micro_batch_size_per_gpu": "--batch-size",
-    "gradient_accumulation_steps": "(always 1: a batch-dependent loss cannot accumulate)",
+    "gradient_accumulation_steps": "always 1: a batch-dependent loss cannot accumulate",
     "gradient_clipping": "--grad-clip",
     "zero_optimization.stage": "--zero-stage",
     "bf16.enabled": "--precision",
@@ -59,8 +59,8 @@ OWNED = {
 }
 # sections that would replace what the job builds itself
 REFUSED = {
-    "optimizer": "--optimizer, --lr and --weight-decay",
-    "scheduler": "--warmup-steps (the job's own schedule)",
+    "optimizer": "the job builds its optimiser from its own flags (--lr, ...; see --help)",
+    "scheduler": "the job builds its learning-rate schedule from its own flags (see --help)",
 }
 
 
@@ -143,6 +143,8 @@ def valid_keys() -> list[str]:
 
 def read_user_config(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--deepspeed-config {path} is a folder: pass a JSON file")
     if not path.is_file():
         raise UserError(f"--deepspeed-config {path} does not exist: check the path")
     try:
@@ -184,19 +186,42 @@ def build_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
             f"--deepspeed-config {path}: unknown key(s) {', '.join(unknown)}; valid keys: "
             + ", ".join(valid_keys())
         )
-    for key, flags in REFUSED.items():
+    for key, why in REFUSED.items():
         if key in user:
+            raise UserError(f"--deepspeed-config {path} sets {key!r}: remove it; {why}")
+    for key, value in user.items():
+        if isinstance(config.get(key), dict) and not isinstance(value, dict):
             raise UserError(
-                f"--deepspeed-config {path} sets {key!r}: the job builds its own; use {flags}"
+                f"--deepspeed-config {path}: {key!r} must be a JSON object (like "
+                f"{json.dumps(config[key])}), not {json.dumps(value)}"
             )
     ours, theirs = _flatten(config), _flatten(user)
     for key, flag in OWNED.items():
         if key in theirs and theirs[key] != ours[key]:
             raise UserError(
-                f"--deepspeed-config {path} sets {key} = {theirs[key]!r}, but the flags give "
-                f"{ours[key]!r} ({flag}): remove it from the file or change the flag"
+                f"--deepspeed-config {path} sets {key} = {json.dumps(theirs[key])}, but the flags "
+                f"give {json.dumps(ours[key])} ({flag}): remove it from the file or change the flag"
             )
-    return _merge(config, user)
+    merged = _merge(config, user)
+    _validate(merged, path)
+    return merged
+
+
+def _validate(config: dict[str, Any], path: Path) -> None:
+    """DeepSpeed's own checks of every section (misspelled nested keys, wrong types), now
+    rather than when the job starts. The batch keys were checked above; they are made
+    consistent with one process here, as DeepSpeed checks them against the current world."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    single = dict(config, train_batch_size=config["train_micro_batch_size_per_gpu"])
+    try:
+        DeepSpeedConfig(single)
+    except Exception as e:  # pydantic's ValidationError, TypeError, AssertionError, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(line for line in lines if "errors.pydantic.dev" not in line)
+        raise UserError(
+            f"--deepspeed-config {path} is not a valid DeepSpeed config ({detail}): fix the file"
+        ) from None
 
 
 def _safe_loader(checkpoint_engine):

@@ -142,12 +142,18 @@ class JobConfig:
         """Before submission: is the run complete (to skip it)? Refuses a run folder that a live
         job is writing, or that was started (or completed) with another identity."""
         from hpc_btunet.folder_lock import check_unlocked
+        from hpc_btunet.train.checkpoint import latest_checkpoint
         from hpc_btunet.train.run import RunDir
+        from hpc_btunet.train.session import check_resumable
 
         check_unlocked(self.run_dir(), "run folder")
         complete = self.result_file().exists()
         identity = self.identity(world_size)
-        RunDir(self.run_dir()).check(identity, complete, self.force_resume, "run folder")
+        rundir = RunDir(self.run_dir())
+        rundir.check(identity, complete, self.force_resume, "run folder")
+        last = None if complete else latest_checkpoint(rundir.checkpoints)
+        if last is not None:  # what even --force-resume cannot continue
+            check_resumable(last, self.engine, world_size, self.zero_stage)
         return complete
 
     def input_identity(self) -> dict:

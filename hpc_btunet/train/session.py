@@ -58,6 +58,9 @@ class Session:
         complete, self.last = open_run(
             self.rundir, self.identity, self.cfg.result_file(), self.cfg.force_resume
         )
+        if self.last is not None:
+            mine = self.engine.meta()
+            check_resumable(self.last, mine["engine"], mine["world_size"], mine.get("zero_stage"))
         if not complete and self.engine.is_main:
             checkpoint.remove_partial(self.rundir.checkpoints)
             for name, content in self.engine.config_files().items():
@@ -76,32 +79,10 @@ class Session:
         saved with it (None when the run starts afresh). Every rank calls it."""
         if self.last is None:
             return None
-        meta = checkpoint.read_marker(self.last)
-        self._check_compatible(meta)
         self.engine.load(self.last)
         state = checkpoint.load_file(self.last / checkpoint.JOB_STATE, "checkpoint")
         torch.set_rng_state(state.pop("rng"))
         return state
-
-    def _check_compatible(self, meta: dict) -> None:
-        mine = self.engine.meta()
-        if meta.get("engine") != mine["engine"]:
-            raise UserError(
-                f"checkpoint {self.last} was written by the {meta.get('engine')} engine, but this "
-                f"run uses --engine {mine['engine']}: rerun with --engine {meta.get('engine')} to "
-                f"resume it, or choose another --out"
-            )
-        changed = [
-            f"{key} {meta.get(key)} (checkpoint) vs {mine[key]} (now)"
-            for key in ("world_size", "zero_stage")
-            if key in mine and meta.get(key) != mine[key]
-        ]
-        if changed and mine["engine"] == "deepspeed":
-            raise UserError(
-                f"checkpoint {self.last} cannot be resumed by DeepSpeed with a different layout "
-                f"({'; '.join(changed)}): rerun with the same --nodes/--tasks-per-node and "
-                "--zero-stage, or choose another --out"
-            )
 
     def save(self, position: int, state: dict[str, Any]) -> Path | None:
         """A checkpoint of the engine and the job's ``state`` at ``position`` (collective)."""
@@ -166,6 +147,32 @@ class Session:
         self.tracker.finish()
         self.watcher.close()
         self.engine.barrier()
+
+
+def check_resumable(last: Path, engine: str, world_size: int, zero_stage: int | None) -> None:
+    """Refuse (even with --force-resume) a checkpoint this engine cannot read: one written by
+    the other engine, or by DeepSpeed with another world size or ZeRO stage (its partitions
+    cannot be re-split)."""
+    meta = checkpoint.read_marker(last)
+    if meta.get("engine") != engine:
+        raise UserError(
+            f"checkpoint {last} was written by the {meta.get('engine')} engine, but this run "
+            f"uses --engine {engine}: rerun with --engine {meta.get('engine')} to resume it, or "
+            "choose another --out"
+        )
+    if engine != "deepspeed":
+        return
+    changed = [
+        f"{key} {meta.get(key)} (checkpoint) vs {value} (now)"
+        for key, value in (("world_size", world_size), ("zero_stage", zero_stage))
+        if meta.get(key) != value
+    ]
+    if changed:
+        raise UserError(
+            f"checkpoint {last} cannot be resumed by DeepSpeed with another layout "
+            f"({'; '.join(changed)}): rerun with the same --nodes/--tasks-per-node and "
+            "--zero-stage, or choose another --out"
+        )
 
 
 def run_job(cfg, stage: str, name: str, body: Callable[[Session], Path]) -> Path:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from test_local_cluster import _job_state, _wait_for, local_cluster  # noqa: F401  (module fixture)
 
 from hpc_btunet.train.checkpoint import list_checkpoints
@@ -129,7 +130,44 @@ def test_two_node_pretrain_then_fold_array_after_it(data, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_usr2_checkpoints_requeues_and_resumes(data, tmp_path):
+def test_two_node_deepspeed_pretrain_saves_every_rank_partition(data, tmp_path):
+    exp = tmp_path / "exp"
+    out = cli(
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        exp,
+        "--steps",
+        4,
+        "--checkpoint-every",
+        2,
+        "--nodes",
+        2,
+        "--engine",
+        "deepspeed",
+        "--zero-stage",
+        2,
+        "--wait",
+        *TINY,
+    )
+    assert "pretrain: 1 job(s) completed" in out
+    run = exp / "pretrain" / "unet"
+    last = list_checkpoints(run / "checkpoints")[-1]
+    partitions = sorted(p.name for p in last.glob("zero_pp_rank_*_optim_states.pt"))
+    assert partitions == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    marker = json.loads((last / "complete.json").read_text())
+    assert marker["engine"] == "deepspeed" and marker["world_size"] == 2
+    assert json.loads((run / "deepspeed.json").read_text())["train_batch_size"] == 8
+    encoder = torch.load(run / "encoder.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in encoder.values())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "engine", [[], ["--engine", "deepspeed", "--zero-stage", 1]], ids=["ddp", "deepspeed"]
+)
+def test_usr2_checkpoints_requeues_and_resumes(data, tmp_path, engine):
     exp = tmp_path / "exp"
     steps = 150
     out = cli(
@@ -148,6 +186,7 @@ def test_usr2_checkpoints_requeues_and_resumes(data, tmp_path):
         2,
         "--tasks-per-node",
         1,
+        *engine,
         *TINY,
     )
     jid = job_id(out)

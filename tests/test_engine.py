@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from multiproc import run_ranks
+from test_barlow_twins import _StandInEncoder  # the encoder contract, with BatchNorm
 from torch import nn
 
 from hpc_btunet.distributed import Placement
@@ -29,25 +30,9 @@ GLOBAL_BATCH = 8
 SMALL = ["--base-width", "4", "--depth", "2", "--log-every", "1", "--wandb", "disabled"]
 
 
-class _Encoder(nn.Module):
-    """The encoder contract: a list of feature maps, bottleneck last (BatchNorm included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
-        self.down = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
-        )
-        self.out_channels = (4, 8)
-
-    def forward(self, x):
-        f1 = self.stem(x)
-        return [f1, torch.relu(self.down(f1))]
-
-
 def _siamese() -> nn.Module:
     torch.manual_seed(0)
-    return pretrain.SiameseNet(_Encoder(), Projector(8, hidden_dim=16, out_dim=24))
+    return pretrain.SiameseNet(_StandInEncoder(), Projector(8, hidden_dim=16, out_dim=24))
 
 
 def _views() -> tuple[np.ndarray, np.ndarray]:

@@ -194,10 +194,15 @@ BceDiceLoss.forward = forward
 
 
 @pytest.mark.timeout(300)
-def test_preemption_signal_mid_epoch_then_resume(data, tmp_path):
+@pytest.mark.parametrize(
+    "engine",
+    [[], ["--engine", "deepspeed", "--zero-stage", "2", "--precision", "bf16"]],
+    ids=["ddp", "deepspeed-bf16"],
+)
+def test_preemption_signal_mid_epoch_then_resume(data, tmp_path, engine):
     """SLURM's warning signal reaches a fine-tuning job in the middle of an epoch: it saves after
     the current batch (not at the end of the epoch) and a rerun ends as an undisturbed run."""
-    common = ["finetune", "--data", data, "--epochs", 4, "--batch-size", 1, *SMALL]
+    common = ["finetune", "--data", data, "--epochs", 4, "--batch-size", 1, *SMALL, *engine]
     common += ["--executor", "debug"]
     cli(*common, "--out", tmp_path / "straight")
     out = tmp_path / "preempted"

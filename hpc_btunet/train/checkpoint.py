@@ -1,10 +1,15 @@
 """Checkpoints and weight files: written atomically, checked when read, loaded with
 ``torch.load(weights_only=True)``.
 
-A job's checkpoints live in ``<run>/checkpoints/step-NNNNNNNN.pt`` (temporary files never match
-the pattern). Older ones are pruned, keeping ``keep`` of them, so that a damaged newest one still
-leaves a good one: resuming takes the newest *intact* checkpoint, and sets a damaged one aside as
-``step-NNNNNNNN.pt.corrupt`` with a warning naming it.
+A job's checkpoints are folders ``<run>/checkpoints/step-NNNNNNNN/``, each holding the engine's
+files (one per rank under DeepSpeed's ZeRO), the job's progress (``job.pt``) and, written last,
+the marker ``complete.json`` listing every file with its size. They are written as
+``.step-NNNNNNNN.partial/`` and renamed once the marker is there (see
+:mod:`hpc_btunet.train.session` for the protocol across ranks), so a folder without its marker is
+never taken for a checkpoint. Older ones are pruned, keeping ``keep`` of them, so that a damaged
+newest one still leaves a good one: resuming takes the newest *intact* checkpoint (every listed
+file present with its size, every torch archive passing its CRC check), and sets a damaged one
+aside as ``step-NNNNNNNN.corrupt`` with a warning naming it.
 
 Integrity: ``torch.save`` writes a zip archive with a CRC-32 of every member, which
 ``torch.load`` does not check (a flipped byte in a tensor loads as a wrong weight). Every read

@@ -279,6 +279,7 @@ class DeepSpeedEngine(Engine):
         )
         _safe_loader(self.ds.checkpoint_engine)
         self._broadcast_buffers()
+        self.wrapped = self.ds
         return self.ds
 
     def _broadcast_buffers(self) -> None:
@@ -295,9 +296,6 @@ class DeepSpeedEngine(Engine):
         self.ds.step()  # clips, unscales, steps and zeroes the gradients
         if self.ds.was_step_applied() and self.scheduler is not None:
             self.scheduler.step()
-
-    def train(self, mode: bool = True) -> None:
-        self.ds.train(mode)
 
     def save(self, folder):
         folder = Path(folder)

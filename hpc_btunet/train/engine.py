@@ -104,6 +104,7 @@ class Engine:
         self.rank, self.world_size = placement.rank, placement.world_size
         self.local_rank = placement.local_rank
         self.module: nn.Module | None = None  # the model as built (unwrapped)
+        self.wrapped: nn.Module | None = None  # what prepare() returned
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
 
@@ -175,7 +176,7 @@ class Engine:
         self.module.load_state_dict(state)
 
     def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
+        self.wrapped.train(mode)
 
     def _convert_batchnorm(self, module: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -210,10 +211,11 @@ class DDPEngine(Engine):
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if self.spec.precision == "fp16" else None
         )
-        if self.world_size == 1:
-            return self.module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        self.wrapped = self.module
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        return self.wrapped
 
     def autocast(self):
         if self.spec.precision == "fp32":

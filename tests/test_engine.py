@@ -11,6 +11,7 @@ tolerances used here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -181,8 +182,14 @@ class _Recorder:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_bf16_pretraining_on_cpu_computes_the_loss_in_fp32(data, tmp_path, engine, monkeypatch):
+@pytest.mark.parametrize(
+    "engine, channels_last",
+    [("ddp", False), ("ddp", True), ("deepspeed", False)],
+    ids=["ddp", "ddp-channels-last", "deepspeed"],
+)
+def test_bf16_pretraining_on_cpu_computes_the_loss_in_fp32(
+    data, tmp_path, engine, channels_last, monkeypatch
+):
     recorder = _Recorder(monkeypatch)
     cfg = pretrain.PretrainConfig(
         data=data,
@@ -194,10 +201,15 @@ def test_bf16_pretraining_on_cpu_computes_the_loss_in_fp32(data, tmp_path, engin
         device="cpu",
         engine=engine,
         precision="bf16",
+        channels_last=channels_last,
         wandb="disabled",
         log_every=1,
     )
+    watched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    before = {k: os.environ.get(k) for k in watched}
     path = pretrain.run(cfg)
+    # sbatch passes this process's environment to jobs it submits later: nothing may leak
+    assert {k: os.environ.get(k) for k in watched} == before
     assert recorder.seen and all(z == torch.bfloat16 for z, _ in recorder.seen), (
         "the embeddings come out of a bf16 forward pass"
     )
@@ -283,3 +295,17 @@ def test_finetuning_reads_an_encoder_pretrained_under_deepspeed_bf16(data, tmp_p
         tmp_path / "ds",
     )
     assert "test dice" in done.stdout
+
+
+def test_ddp_clips_the_global_gradient_norm():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    engine = DDPEngine(EngineSpec(grad_clip=1e-3), torch.device("cpu"), Placement())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    net = engine.prepare(model, optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.step((net(torch.randn(16, 8)) * 100).square().mean())  # a gradient far above 1e-3
+    moved = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    assert float(moved.norm()) == pytest.approx(1e-3, rel=1e-3), "SGD lr 1: the clipped norm"

@@ -227,3 +227,33 @@ def test_convert_a_bare_batchnorm_returns_the_new_layer():
 def test_rejects_inputs_without_a_channel_dim():
     with pytest.raises(ValueError, match=r"\(N, C, \*\)"):
         GlobalBatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_precision_parameters_compute_in_fp32(training):
+    """DeepSpeed's bf16 casts parameters, not buffers: the layer then normalises in fp32 with
+    fp32 copies of its parameters, as a BatchNorm on the same (bf16-valued) data in fp32 does."""
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    layer = convert_global_batchnorm(nn.BatchNorm2d(3))
+    layer.load_state_dict(reference.state_dict())
+    layer.weight.data = layer.weight.data.bfloat16()  # what DeepSpeed's cast does
+    layer.bias.data = layer.bias.data.bfloat16()
+    with torch.no_grad():  # the reference sees the same rounded values, in fp32
+        reference.weight.copy_(layer.weight.float())
+        reference.bias.copy_(layer.bias.float())
+    reference.train(training)
+    layer.train(training)
+    x = (torch.randn(4, 3, 5, 5) * 3 + 2).bfloat16()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
+    want = reference(x.float())
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == int(reference.num_batches_tracked)
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.bfloat16

@@ -64,12 +64,26 @@ REFUSED = {
 }
 
 
+@contextlib.contextmanager
+def environment_kept():
+    """DeepSpeed reads and sets variables (``DS_ACCELERATOR``, ``LOCAL_RANK``, ...) while it
+    starts; they are put back afterwards, because sbatch passes this process's environment on to
+    every job it submits later (a notebook or a test that trained in-process first)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def import_deepspeed(device: torch.device):
     """Import DeepSpeed for ``device`` (its accelerator is chosen once, at import), quietly."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        import deepspeed
+        with environment_kept():
+            if device.type == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            import deepspeed
     except Exception as e:  # a broken install can fail in many ways at import
         raise UserError(
             f"--engine deepspeed: DeepSpeed cannot be imported here ({type(e).__name__}: {e}); "
@@ -245,8 +259,6 @@ class DeepSpeedEngine(Engine):
     def __init__(self, spec: EngineSpec, device: torch.device, placement: distributed.Placement):
         super().__init__(spec, device, placement)
         self.deepspeed = import_deepspeed(device)
-        # DeepSpeed asserts LOCAL_RANK is set; the placement exports it only for several ranks
-        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
         if not distributed.is_distributed():  # DeepSpeed needs a process group, even of one
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo",
@@ -254,9 +266,10 @@ class DeepSpeedEngine(Engine):
                 rank=0,
                 world_size=1,
             )
-        self.deepspeed.init_distributed(
-            dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
-        )
+        with environment_kept():
+            self.deepspeed.init_distributed(
+                dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
+            )
         self.config = build_config(spec, self.world_size)
         self.ds = None
 
@@ -274,9 +287,15 @@ class DeepSpeedEngine(Engine):
     def prepare(self, module, optimizer, scheduler=None):
         self.module = self._convert_batchnorm(self._place(module))
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.ds, *_ = self.deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=self.config, dist_init_required=False
-        )
+        with environment_kept():
+            # DeepSpeed asserts LOCAL_RANK is set; the placement exports it for several ranks only
+            os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+            self.ds, *_ = self.deepspeed.initialize(
+                model=self.module,
+                optimizer=optimizer,
+                config=self.config,
+                dist_init_required=False,
+            )
         _safe_loader(self.ds.checkpoint_engine)
         self._broadcast_buffers()
         self.wrapped = self.ds

@@ -71,7 +71,8 @@ def check_precision(precision: str, device: torch.device) -> None:
             "--precision fp16 needs a CUDA GPU (half-precision training on CPU is neither "
             "supported by DeepSpeed nor fast): use --precision bf16 on CPU, or fp32"
         )
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    gpu_here = device.type == "cuda" and torch.cuda.is_available()  # not on a login node
+    if precision == "bf16" and gpu_here and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"--precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16 "
             "support: use --precision fp16 (with loss scaling) or fp32"

@@ -39,6 +39,18 @@ def test_wrong_type_and_choice(tmp_path):
         parse("pretrain", "--config", str(f))
 
 
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_engine_options_in_a_config_file(tmp_path, job):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\nengine: deepspeed\nzero-stage: 2\nprecision: bf16\n")
+    cfg = parse(job, "--config", str(f))
+    assert (cfg.engine, cfg.zero_stage, cfg.precision) == ("deepspeed", 2, "bf16")
+    assert cfg.engine_spec().kind == "deepspeed" and cfg.engine_spec().zero_stage == 2
+    f.write_text("data: d\nengine: horovod\n")
+    with pytest.raises(UserError, match="engine must be one of ddp, deepspeed"):
+        parse(job, "--config", str(f))
+
+
 @pytest.mark.parametrize("job", ["pretrain", "finetune", "demo"])
 def test_help_documents_shared_vocabulary_with_defaults(job, capsys):
     with pytest.raises(SystemExit):

@@ -309,3 +309,22 @@ def test_ddp_clips_the_global_gradient_norm():
         [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
     )
     assert float(moved.norm()) == pytest.approx(1e-3, rel=1e-3), "SGD lr 1: the clipped norm"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deepspeed_on_cpu_needs_no_compiler(data, tmp_path):
+    """DeepSpeed's CPU backend would compile a shared-memory op with the C++ compiler at start-up
+    (used by inference only): the engine does not build it, so a machine without g++ trains."""
+    env = dict(os.environ, CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", "pretrain", "--data", str(data)]
+        + ["--out", str(tmp_path / "exp"), "--steps", "2", "--batch-size", "8", *SMALL]
+        + ["--engine", "deepspeed", "--zero-stage", "1", "--executor", "debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "exp" / "pretrain" / "unet" / "encoder.pt").exists()
+    assert not (tmp_path / "extensions").exists(), "nothing was compiled"

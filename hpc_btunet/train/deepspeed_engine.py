@@ -21,6 +21,8 @@ What DeepSpeed does not do for us, and how this engine makes up for it:
 - It loads checkpoints with ``torch.load(weights_only=False)``: this engine's checkpoint reader
   loads them with ``weights_only=True``, allowing only the three DeepSpeed classes its optimiser
   states hold.
+- Its CPU backend compiles a shared-memory op with g++ at start-up that only inference uses: it
+  is not built, so DeepSpeed on CPU needs no compiler.
 - It averages gradients over ranks like DDP, so the Barlow Twins loss's autograd-aware gather
   gives the exact global-batch gradient here too.
 
@@ -32,6 +34,7 @@ trust ratios are meaningless; that combination is refused when the config is bui
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -90,6 +93,11 @@ def import_deepspeed(device: torch.device):
             "reinstall it or use --engine ddp"
         ) from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (g++, at first use) that
+    # serves only inference_all_reduce; training never calls it, and a machine without a C++
+    # compiler would fail at start-up: the backend is told there is none
+    # (by module path: `deepspeed.comm.torch` as an attribute is the torch library)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 

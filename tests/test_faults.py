@@ -264,14 +264,37 @@ def test_stopping_the_command_stops_its_local_jobs(data, tmp_path, how):
         assert "Traceback" not in err and "Rerun the same command to resume" in err, err
 
 
+# the file of a checkpoint that the damage hits: DDP's one state file, or a DeepSpeed ZeRO
+# partition (engine options, file)
+DAMAGED_FILE = {
+    "ddp": ({}, "engine.pt"),
+    "deepspeed": (
+        {"engine": "deepspeed", "zero_stage": 1},
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ),
+}
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", DAMAGED_FILE)
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(data, tmp_path, capsys, damage):
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    data, tmp_path, capsys, damage, engine
+):
     from hpc_btunet.train import pretrain
+
+    options, target = DAMAGED_FILE[engine]
 
     def cfg(out):
         return pretrain.PretrainConfig(
-            data=data, out=out, steps=8, checkpoint_every=4, batch_size=8, base_width=4, depth=2
+            data=data,
+            out=out,
+            steps=8,
+            checkpoint_every=4,
+            batch_size=8,
+            base_width=4,
+            depth=2,
+            **options,
         )
 
     straight = pretrain.run(cfg(tmp_path / "straight"))
@@ -280,9 +303,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(data, tmp_path, 
     (run / "encoder.pt").unlink()  # as if killed after the last checkpoint
     newest = list_checkpoints(run / "checkpoints")[-1]
     if damage == "flipped byte":
-        flip_torch_byte(newest / "engine.pt")
+        flip_torch_byte(newest / target)
     else:
-        state = newest / "engine.pt"
+        state = newest / target
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     capsys.readouterr()
     pretrain.run(cfg(tmp_path / "damaged"))

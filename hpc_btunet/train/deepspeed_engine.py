@@ -284,6 +284,17 @@ class DeepSpeedEngine(Engine):
     def config_files(self):
         return {CONFIG_NAME: self.config}
 
+    def close(self) -> None:
+        """Leave the process group, and forget the groups DeepSpeed cached on it: a second job
+        in this process (the debug executor's next task, a notebook) builds new ones."""
+        groups = importlib.import_module("deepspeed.utils.groups")
+        for name, value in vars(groups).copy().items():
+            if name.endswith("_GROUP") or name.endswith("_GROUP_RANKS") or name == "mesh_device":
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mpu = None
+        importlib.import_module("deepspeed.comm.comm").cdb = None
+        super().close()
+
     def meta(self):
         return super().meta() | {"zero_stage": self.spec.zero_stage}
 

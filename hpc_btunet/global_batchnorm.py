@@ -50,11 +50,14 @@ class GlobalBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or world_size() == 1:
-            if self.weight is None or self.running_mean is None:
-                return super().forward(input)
-            if self.weight.dtype == self.running_mean.dtype:
-                return super().forward(input)
-            return self._fp32_parameters_forward(input)
+            half_parameters = (  # DeepSpeed's bf16/fp16 cast parameters, not buffers
+                self.weight is not None
+                and self.running_mean is not None
+                and self.weight.dtype != self.running_mean.dtype
+            )
+            if half_parameters:
+                return self._fp32_parameters_forward(input)
+            return super().forward(input)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(

@@ -34,6 +34,7 @@ trust ratios are meaningless; that combination is refused when the config is bui
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -121,6 +122,7 @@ def generated_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def valid_keys() -> list[str]:
     """The top-level keys the installed DeepSpeed reads from a config (recorded while it parses
     one), so that a misspelled key fails instead of being ignored."""
@@ -157,10 +159,11 @@ def valid_keys() -> list[str]:
         def __len__(self):
             return len(self.d)
 
-    config = Recording(generated_config(EngineSpec(batch_size=1), 1))
+    generated = generated_config(EngineSpec(batch_size=1), 1)
+    config = Recording(generated)
     with contextlib.suppress(Exception):  # only the keys it looked at matter
         DeepSpeedConfig(config)
-    return sorted(seen | set(generated_config(EngineSpec(batch_size=1), 1)) | set(REFUSED))
+    return sorted(seen | set(generated) | set(REFUSED))
 
 
 def read_user_config(path: Path) -> dict[str, Any]:
@@ -202,11 +205,12 @@ def build_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
         return config
     path = spec.deepspeed_config
     user = read_user_config(path)
-    unknown = sorted(set(user) - set(valid_keys()))
+    valid = valid_keys()
+    unknown = sorted(set(user) - set(valid))
     if unknown:
         raise UserError(
             f"--deepspeed-config {path}: unknown key(s) {', '.join(unknown)}; valid keys: "
-            + ", ".join(valid_keys())
+            + ", ".join(valid)
         )
     for key, why in REFUSED.items():
         if key in user:

@@ -172,11 +172,9 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     if (state := session.resume()) is not None:
         step, last_loss = state["step"], state["loss"]
         session.log(f"resuming from {session.last} (step {step} of {total})")
-    extra = {"global_batch": global_batch, "total_steps": total}
+    config = to_dict(cfg) | {"global_batch": global_batch}
     tracker = session.start(
-        to_dict(cfg) | extra,
-        step,
-        to_dict(cfg) | {"global_batch": global_batch, "world_size": engine.world_size},
+        config | {"total_steps": total}, step, config | {"world_size": engine.world_size}
     )
     session.log(
         f"{cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "

@@ -13,16 +13,28 @@ Reads the same synthetic images (image + mask per sample) four ways and prints s
 Every loader uses the same batch size and number of workers; each is run for ``--epochs`` epochs
 after one warm-up epoch (page cache warm for all), and the best epoch is reported. This is a
 benchmark, not a test: numbers depend on the machine; record them with the machine named.
+
+    python bench/loader.py --compare-order --num-images 2048 --workers 2 --batch-size 32
+
+compares instead this tree's ``make_loader`` (global order, window shuffle, workers striding
+over batches) with the one at git revision ``--ref`` (contiguous blocks per rank and worker, a
+shuffle buffer per worker), loaded from ``git show REF:hpc_btunet/data/loader.py`` at run time
+(it imports the rest of the package from this tree). Same shards, batch size and workers; rank 0
+of 1 (reads every sample) and rank 0 of 4 (reads a quarter), each epoch a new ``set_epoch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +42,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from hpc_btunet.data import loader as current_loader
 from hpc_btunet.data import make_loader
 from hpc_btunet.data.pack import PackConfig, pack
 from hpc_btunet.data.splits import SplitConfig
@@ -67,6 +80,72 @@ def best_rate(make_iter, n_samples: int, epochs: int) -> float:
     return best
 
 
+def machine() -> str:
+    """CPU model and core count, for the line that names where numbers were taken."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def loader_at(ref: str) -> types.ModuleType:
+    """``hpc_btunet/data/loader.py`` as it was at git revision ``ref``, as a module object."""
+    repo = Path(__file__).resolve().parents[1]
+    path = "hpc_btunet/data/loader.py"
+    done = subprocess.run(
+        ["git", "-C", str(repo), "show", f"{ref}:{path}"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"cannot read {path} at --ref {ref}: {done.stderr.strip()}")
+    name = f"_loader_at_{ref}"
+    module = types.ModuleType(name)
+    module.__file__ = f"{ref}:{path}"
+    sys.modules[name] = module  # dataclasses and forked workers look the module up by name
+    exec(compile(done.stdout, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def compare_order(args, packed: dict[str, Path]) -> None:
+    """Samples/s of the loader at ``args.ref`` and of this tree's, on the same shards."""
+    previous = loader_at(args.ref)
+    w, b = args.workers, args.batch_size
+    rows = []
+    for enc, root in packed.items():
+        for world_size in (1, 4):
+            rates = []
+            for impl in (previous, current_loader):
+                loader = impl.make_loader(
+                    root, "train", batch_size=b, num_workers=w, rank=0, world_size=world_size
+                )
+                epochs = itertools.count()
+
+                def one_epoch(loader=loader, epochs=epochs):
+                    loader.dataset.set_epoch(next(epochs))
+                    return loader
+
+                rates.append(best_rate(one_epoch, len(loader) * b, args.epochs))
+            rows.append((enc, world_size, len(loader) * b, *rates))
+    print(
+        f"\nLoader order, {args.ref} vs this tree: {args.num_images} images "
+        f"({args.image_size}x{args.image_size} grayscale + mask, shards of {args.shard_size}), "
+        f"batch {b}, {w} worker(s), {machine()}, best of {args.epochs} epochs after a warm-up\n"
+    )
+    print(
+        f"| shards | reads | samples/epoch | {args.ref} samples/s | this tree samples/s | ratio |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for enc, world_size, n, old, new in rows:
+        print(
+            f"| {enc} | rank 0 of {world_size} | {n:,} | {old:,.0f} | {new:,.0f} "
+            f"| {new / old:.2f}x |"
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,6 +156,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument(
+        "--compare-order",
+        action="store_true",
+        help="compare this tree's loader with the one at --ref instead (same shards)",
+    )
+    p.add_argument("--ref", default="8ea8828", help="git revision of the previous loader")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +182,9 @@ def main() -> int:
             f"packed {args.num_images} images twice in {time.perf_counter() - t0:.1f} s",
             file=sys.stderr,
         )
+        if args.compare_order:
+            compare_order(args, {enc: tmp / enc for enc in ("png", "npy")})
+            return 0
 
         loose = tmp / "loose"
         (loose / "images").mkdir(parents=True)

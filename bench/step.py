@@ -1,8 +1,8 @@
 """Pre-training step throughput: DDP and DeepSpeed, fp32 and bf16, through the toolkit's engine.
 
-    python bench/step.py [--image-size 256] [--batch-size 16] [--steps 10] [--warmup 3]
-                         [--configs ddp-fp32,zero2-bf16] [--device auto] [--threads N]
-                         [--peak-tflops 989]
+    python bench/step.py [--image-size 256] [--batch-size 16] [--accumulate 1] [--steps 10]
+                         [--warmup 3] [--configs ddp-fp32,zero2-bf16] [--device auto]
+                         [--threads N] [--peak-tflops 989]
 
 Measures images/s of the Barlow Twins pre-training step of the U-Net (``--model``, default
 ``unet``) on synthetic data, one row per configuration:
@@ -15,16 +15,20 @@ Measures images/s of the Barlow Twins pre-training step of the U-Net (``--model`
   zero1-bf16     DeepSpeed ZeRO-1, bf16 (bf16 weights, fp32 master copies)
   zero2-bf16     DeepSpeed ZeRO-2, bf16
 
-Each step is the ``pretrain`` job's step through the real engine API (``create_engine``,
-``Engine.prepare``, ``inputs``, ``autocast``, ``step``, ``all_finite``), built as ``_pretrain``
-builds it: ``SiameseNet`` of the encoder and the ``Projector`` (width image size / 2), Adam with
+Each step is the ``pretrain`` job's step itself (``pretrain.TwinStep`` on the real engine:
+``create_engine``, ``Engine.prepare``, ``inputs``, ``autocast``, ``step``, ``all_finite``), built
+as ``_pretrain`` builds it: ``SiameseNet`` of the encoder and the ``Projector`` (width image size / 2), Adam with
 the warm-up + cosine schedule, ``BarlowTwinsLoss``, and the two views made by ``TwoViews`` on the
 device from a uint8 batch; options this script does not expose (learning rate, lambda, crop scale,
 rotation, projector layers, optimiser) take ``pretrain``'s defaults. The batch is random uint8 in
 memory (pinned on CUDA), copied to the device every step as the job does: there is no data
 loading, so this measures the step alone, i.e. the ceiling of what ``pretrain`` reaches when the
 loader keeps up. ``--warmup`` steps are run first and not timed, then ``--steps`` timed steps:
-images/s = global batch x steps / seconds (a single process here: global batch = batch size).
+images/s = global batch x steps / seconds (a single process here: global batch = batch size x
+``--accumulate``). ``--accumulate K`` runs the exact gradient cache over K micro-batches of
+``--batch-size``: compare ``--batch-size 8 --accumulate 4`` with ``--batch-size 32`` for its cost
+(one more forward pass) and its memory (one micro-batch's activations). The memory column is the
+peak GPU memory on CUDA and the process's peak resident memory (imports included) on the CPU.
 
 Each configuration runs in a fresh process (DeepSpeed and process groups do not re-initialise
 cleanly in one): this script re-invokes itself with ``--one CONFIG`` and reads the JSON line the
@@ -54,6 +58,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -115,6 +120,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from hpc_btunet.ssl import BarlowTwinsLoss, TwoViews, ViewConfig
     from hpc_btunet.train.engine import EngineSpec, engine_session
     from hpc_btunet.train.optim import build_optimizer, warmup_cosine
+    from hpc_btunet.train.pretrain import TwinStep
 
     label, kind, precision, zero_stage, channels_last = CONFIGS[args.one]
     torch.set_num_threads(args.threads)
@@ -126,27 +132,35 @@ def run_one(args: argparse.Namespace) -> dict:
         grad_clip=d["grad_clip"],
         channels_last=channels_last,
         batch_size=args.batch_size,
+        accumulate=args.accumulate,
         device=args.device,
     )
     with engine_session(spec) as engine:
         siamese = build_siamese(args, d)
-        global_batch = args.batch_size * engine.world_size
+        global_batch = args.batch_size * args.accumulate * engine.world_size
         total = args.warmup + args.steps
         optimizer = build_optimizer(
             d["optimizer"], siamese, d["lr"], d["weight_decay"], global_batch
         )
         scheduler = warmup_cosine(optimizer, total, d["warmup_steps"])
         net = engine.prepare(siamese, optimizer, scheduler)
-        loss_fn = BarlowTwinsLoss(lambd=d["lambd"])
-        make_views = TwoViews(
-            ViewConfig(crop_scale=(d["crop_scale"], 1.0), rotation_degrees=d["rotation"])
+        twin_step = TwinStep(
+            engine,
+            net,
+            BarlowTwinsLoss(lambd=d["lambd"]),
+            TwoViews(ViewConfig(crop_scale=(d["crop_scale"], 1.0), rotation_degrees=d["rotation"])),
+            seed=d["seed"],
+            global_batch=global_batch,
         )
         cuda = engine.device.type == "cuda"
         generator = torch.Generator().manual_seed(engine.rank)
         shape = (args.batch_size, args.channels, args.image_size, args.image_size)
-        batch = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        batches = [
+            torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+            for _ in range(args.accumulate)
+        ]
         if cuda:
-            batch = batch.pin_memory()
+            batches = [b.pin_memory() for b in batches]
             torch.cuda.reset_peak_memory_stats(engine.device)
 
         def sync() -> None:
@@ -160,15 +174,7 @@ def run_one(args: argparse.Namespace) -> dict:
             if step == args.warmup:
                 sync()
                 start = time.perf_counter()
-            # the pretrain job's step, line for line (without logging and checkpoints)
-            x = batch.to(engine.device, non_blocking=True)
-            view_a, view_b = make_views(x, seed=d["seed"], step=step, rank=engine.rank)
-            with engine.autocast():
-                z_a, z_b = net(engine.inputs(view_a)), net(engine.inputs(view_b))
-            loss = loss_fn(z_a, z_b)
-            if not engine.all_finite(loss.detach()):
-                raise RuntimeError(f"{args.one}: the loss became {loss.item()} at step {step}")
-            engine.step(loss)
+            loss, _, _ = twin_step(batches, step)  # the pretrain job's step
             last_loss = loss.item()  # waits for the step (as the job's loss.item() does)
             if step >= args.warmup:
                 times.append(time.perf_counter() - tick)
@@ -191,7 +197,7 @@ def run_one(args: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads(),
             "peak_memory_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30
             if cuda
-            else None,
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
         }
 
 
@@ -224,7 +230,15 @@ def version(package: str) -> str:
 
 def child_command(args: argparse.Namespace, name: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name]
-    for flag in ("image_size", "batch_size", "steps", "warmup", "base_width", "depth"):
+    for flag in (
+        "image_size",
+        "batch_size",
+        "accumulate",
+        "steps",
+        "warmup",
+        "base_width",
+        "depth",
+    ):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--model", args.model, "--channels", str(args.channels)]
     return cmd + ["--device", args.device, "--threads", str(args.threads)]
@@ -245,7 +259,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (one process)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="images per micro-batch (one process)"
+    )
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--base-width", type=int, default=16)
@@ -270,6 +287,8 @@ def main() -> int:
         p.error(
             "need --steps >= 1, --warmup >= 0, --batch-size >= 2 (Barlow Twins), --threads >= 1"
         )
+    if args.accumulate < 1:
+        p.error("need --accumulate >= 1")
 
     if args.one:
         print(RESULT + json.dumps(run_one(args)), flush=True)
@@ -307,7 +326,8 @@ def main() -> int:
     print(
         f"\nPre-training step throughput, {args.model} (base width {args.base_width}, depth "
         f"{args.depth}) + projector, {args.image_size}x{args.image_size}x{args.channels}, "
-        f"batch {args.batch_size} x 1 process, {args.steps} timed steps after {args.warmup} "
+        f"batch {args.batch_size} x {args.accumulate} micro-batch(es) x 1 process, {args.steps} "
+        f"timed steps after {args.warmup} "
         f"warm-up; {where}; torch {torch.__version__}, deepspeed {version('deepspeed')}; "
         f"forward {gflop:.3g} GFLOP/image (encoder + projector, fp32), training FLOPs taken as "
         f"3 x forward x 2 views\n"
@@ -316,8 +336,8 @@ def main() -> int:
     cuda = first["device"].startswith("cuda")
     head = "| configuration | images/s | ms/step (min-max) | fwd GFLOP/image | TFLOP/s |"
     rule = "| --- | ---: | ---: | ---: | ---: |"
-    if cuda:
-        head, rule = head + " peak memory GiB |", rule + " ---: |"
+    memory = "peak memory GiB" if cuda else "peak RSS GiB"
+    head, rule = head + f" {memory} |", rule + " ---: |"
     if peak:
         head, rule = head + f" of {peak:g} TFLOP/s bf16 peak |", rule + " ---: |"
     print(head)
@@ -325,16 +345,14 @@ def main() -> int:
     for name in names:
         r = results[name]
         if r is None:
-            cells = ["failed", "", f"{gflop:.3g}", ""] + [""] * (bool(cuda) + bool(peak))
+            cells = ["failed", "", f"{gflop:.3g}", "", ""] + [""] * bool(peak)
             print(f"| {CONFIGS[name][0]} | " + " | ".join(cells) + " |")
             continue
         tflops = 3 * 2 * gflop * r["images_per_s"] / 1e3
         spread = f"{r['step_ms']:,.0f} ({r['step_ms_min']:,.0f}-{r['step_ms_max']:,.0f})"
         cells = [f"{r['images_per_s']:,.1f}", spread, f"{gflop:.3g}"]
         cells.append(f"{tflops:.3f}")
-        if cuda:
-            mem = r["peak_memory_gib"]
-            cells.append("" if mem is None else f"{mem:.2f}")
+        cells.append(f"{r['peak_memory_gib']:.2f}")
         if peak:
             cells.append(f"{100 * tflops / peak:.1f} %")
         print(f"| {r['label']} | " + " | ".join(cells) + " |")

@@ -1,4 +1,5 @@
-"""Batch normalisation with statistics over the global batch of all ranks, on any device.
+"""Batch normalisation with statistics over the global batch of all ranks, on any device, and
+the other scope: statistics per rank, running statistics from every rank.
 
 ``nn.SyncBatchNorm`` does the same on CUDA but raises in training mode on CPU tensors, so CPU
 (gloo) runs and tests need their own layer. :class:`GlobalBatchNorm` is a drop-in for
@@ -20,18 +21,42 @@ distributed or on a single rank, it runs ``nn.BatchNorm``'s own code path unchan
 collective. So in eval mode it normalises with the running statistics, or, for a layer without
 them (``track_running_stats=False``), with the statistics of the local batch, as ``nn.BatchNorm``
 does; an evaluation on one rank only (validation on the main rank) cannot wait for the others.
+
+:class:`LocalBatchNorm` is the other scope (``--bn-scope local``): each rank normalises with the
+statistics of its own (micro-)batch, as plain ``nn.BatchNorm`` under DDP does, but the running
+statistics do not drift apart per rank, nor are they rank 0's alone: every training forward
+records its batch's mean and variance, and :func:`apply_recorded_statistics` (called by the engine
+once per optimiser step) gathers the records of all ranks and applies them on every rank in the
+order of their samples in the global batch: micro-batch k of rank r is slice k * W + r, so micro-
+batch 0 of ranks 0, 1, ..., then micro-batch 1 of each rank, ... So W ranks end with the running
+statistics that one process accumulating W micro-batches would have.
+
+:func:`frozen_statistics` leaves every BatchNorm's running statistics untouched for a block of
+forwards (the gradient cache's first pass embeds every micro-batch once without gradient; the
+second pass, with gradient, is the one that counts), so each sample updates them once.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hpc_btunet.distributed import all_reduce_sum, world_size
 
-__all__ = ["GlobalBatchNorm", "convert_global_batchnorm"]
+__all__ = [
+    "GlobalBatchNorm",
+    "LocalBatchNorm",
+    "apply_recorded_statistics",
+    "convert_global_batchnorm",
+    "convert_local_batchnorm",
+    "frozen_statistics",
+]
 
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -119,27 +144,115 @@ class GlobalBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
-        # the same rule as nn.BatchNorm: exponential average, or a cumulative one when momentum
-        # is None; running_var receives the unbiased (Bessel-corrected) variance
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum
-        factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
-        # no host sync to check the count: a global batch of one value per channel would give a
+        # running_var receives the unbiased (Bessel-corrected) variance; no host sync to check the count: a global batch of one value per channel would give a
         # NaN here where nn.BatchNorm raises, which needs every rank but one to hold no sample
-        unbiased = var * (count / (count - 1)).to(var.dtype)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        _update_running(self, mean, var * (count / (count - 1)).to(var.dtype))
 
 
-def convert_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`GlobalBatchNorm`.
+class LocalBatchNorm(_BatchNorm):
+    """``nn.BatchNorm`` on the local batch whose running statistics are updated from every rank's
+    batches, in global order, by :func:`apply_recorded_statistics` (see the module docstring).
 
-    The new layers share the old ones' parameter and buffer tensors (an optimizer built before the
-    conversion keeps working) and their training flag; state-dict keys and values are unchanged.
-    Returns the converted module (a new object when ``module`` itself is a batch norm).
+    Normalisation in training mode is ``nn.BatchNorm``'s on the local input (in fp32 when the
+    parameters were cast to half precision); eval mode is exactly ``nn.BatchNorm``.
     """
-    if isinstance(module, _CONVERTIBLE) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[Tensor] = []  # per training forward: mean, unbiased var, count
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(input)
+        self._check_input_dim(input)
+        dtype = torch.float32 if self.running_mean is None else self.running_mean.dtype
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
+        with torch.no_grad():
+            dims = [0, *range(2, input.dim())]
+            count = input.numel() // input.shape[1]  # F.batch_norm refused a count of 1
+            var, mean = torch.var_mean(input.to(dtype), dims, correction=1)
+            count_t = torch.tensor([float(count)], dtype=dtype, device=input.device)
+            self.records.append(torch.cat([mean, var, count_t]))
+        return out
+
+
+@contextlib.contextmanager
+def frozen_statistics(module: nn.Module) -> Iterator[None]:
+    """Forwards inside this block leave every BatchNorm's running statistics (and
+    :class:`LocalBatchNorm`'s records) as they were."""
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [
+        (
+            m,
+            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)],
+            len(getattr(m, "records", ())),
+        )
+        for m in layers
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers, records in saved:
+                for live, old in zip(
+                    (m.running_mean, m.running_var, m.num_batches_tracked), buffers, strict=True
+                ):
+                    live.copy_(old)
+                if isinstance(m, LocalBatchNorm):
+                    del m.records[records:]
+
+
+@torch.no_grad()
+def apply_recorded_statistics(module: nn.Module, micro_batches: int = 1) -> None:
+    """Apply the statistics every :class:`LocalBatchNorm` of ``module`` recorded since the last
+    call, of all ranks (one all-gather), to the running statistics in global order: the
+    records of each rank are ``micro_batches`` equal runs, taken micro-batch by micro-batch and,
+    within one, rank by rank. Every rank ends with the same buffers; every rank must call it
+    after the same forwards."""
+    layers = [m for m in module.modules() if isinstance(m, LocalBatchNorm) and m.records]
+    if not layers:
+        return
+    local = torch.cat([torch.cat(m.records) for m in layers])
+    gathered = [local]
+    if world_size() > 1:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+    offset = 0
+    for m in layers:
+        width, count = 2 * m.num_features + 1, len(m.records)
+        if count % micro_batches:
+            raise ValueError(f"{count} BatchNorm records do not split into {micro_batches} runs")
+        per_micro = count // micro_batches
+        for k in range(micro_batches):
+            for rank_records in gathered:
+                for i in range(k * per_micro, (k + 1) * per_micro):
+                    record = rank_records[offset + i * width : offset + (i + 1) * width]
+                    _update_running(m, record[: m.num_features], record[m.num_features : -1])
+        offset += count * width
+        m.records.clear()
+
+
+def _update_running(m: _BatchNorm, mean: Tensor, unbiased_var: Tensor) -> None:
+    """``nn.BatchNorm``'s update of the running statistics by one batch's: an exponential
+    average, or a cumulative one when momentum is None."""
+    m.num_batches_tracked.add_(1)
+    factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+    m.running_mean.lerp_(mean.to(m.running_mean.dtype), factor)
+    m.running_var.lerp_(unbiased_var.to(m.running_var.dtype), factor)
+
+
+def _convert(module: nn.Module, cls: type[_BatchNorm]) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a ``cls``, sharing its parameter
+    and buffer tensors (an optimizer built before the conversion keeps working) and its training
+    flag; state-dict keys and values are unchanged."""
+    if isinstance(module, _CONVERTIBLE) and not isinstance(module, cls):
+        out = cls(
             module.num_features,
             eps=module.eps,
             momentum=module.momentum,
@@ -157,7 +270,18 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
             out.qconfig = module.qconfig
         return out
     for name, child in module.named_children():
-        converted = convert_global_batchnorm(child)
+        converted = _convert(child, cls)
         if converted is not child:
             module.add_module(name, converted)
     return module
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`GlobalBatchNorm` (see
+    ``_convert``). Returns the converted module (a new object when ``module`` itself is one)."""
+    return _convert(module, GlobalBatchNorm)
+
+
+def convert_local_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`LocalBatchNorm`."""
+    return _convert(module, LocalBatchNorm)

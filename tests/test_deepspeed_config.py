@@ -181,9 +181,9 @@ def test_an_owned_key_that_matches_its_flag_is_accepted(user_file, content, flag
 
 # (file content, flags, owned key, the flag the message names)
 CONFLICTS = [
-    ({"train_batch_size": 16}, {}, "train_batch_size", "--batch-size x world size"),
+    ({"train_batch_size": 16}, {}, "train_batch_size", "--batch-size x --accumulate x world"),
     ({"train_micro_batch_size_per_gpu": 3}, {}, "train_micro_batch_size_per_gpu", "--batch-size"),
-    ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps", "always 1"),
+    ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps", "--accumulate"),
     ({"gradient_clipping": 1.0}, {}, "gradient_clipping", "--grad-clip"),
     (
         {"zero_optimization": {"stage": 2}},

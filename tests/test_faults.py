@@ -346,7 +346,8 @@ def _rank_one_sample(data: Path, batch_size: int) -> str:
     """A sample that rank 1 of 2 reads in epoch 0 and rank 0 does not."""
     m = load_manifest(data)
     shards = m.shards_of("train")
-    ref = plan_epoch(shards, None, batch_size=batch_size, world_size=2, seed=0, epoch=0)[1][0]
+    plan = plan_epoch(shards, None, batch_size=batch_size, world_size=2, seed=0, epoch=0)
+    ref = plan.rank_refs(1)[0]
     return shards[ref.shard].keys[ref.pos]
 
 

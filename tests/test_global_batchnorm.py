@@ -257,3 +257,87 @@ def test_half_precision_parameters_compute_in_fp32(training):
     assert int(layer.num_batches_tracked) == int(reference.num_batches_tracked)
     out.float().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.bfloat16
+
+
+# --- local scope: LocalBatchNorm, its running statistics, frozen statistics --------------------
+
+MICRO = (
+    4  # images per micro-batch; slice j of the global batch is rows [j * MICRO, (j + 1) * MICRO)
+)
+
+
+def _micro_batches(count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(MICRO, 3, 5, 5, generator=g) * (j + 1) + j for j in range(count)]
+
+
+def _sequential_batchnorm(batches: list[torch.Tensor]) -> dict:
+    """One process, one nn.BatchNorm2d, the slices in global order, twice (two 'views')."""
+    bn = nn.BatchNorm2d(3)
+    outs = []
+    for x in batches:
+        outs += [bn(x), bn(x * 2)]
+    return {"outs": [o.detach() for o in outs], "state": bn.state_dict()}
+
+
+def _local_rank_fn(rank_: int, world: int, micro_batches: int) -> dict:
+    """Rank r's micro-batch k is slice k * W + r; each is embedded as two 'views'."""
+    from hpc_btunet.global_batchnorm import LocalBatchNorm, apply_recorded_statistics
+
+    batches = _micro_batches(world * micro_batches)
+    bn = LocalBatchNorm(3)
+    outs = {}
+    for k in range(micro_batches):
+        j = k * world + rank_
+        outs[j] = [bn(batches[j]).detach().numpy(), bn(batches[j] * 2).detach().numpy()]
+    apply_recorded_statistics(bn, micro_batches)
+    # numpy: tensors would travel as shared memory that ends with the process
+    return {"outs": outs, "state": {k: v.numpy() for k, v in bn.state_dict().items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("world,micro_batches", [(2, 1), (2, 2), (1, 3)])
+def test_local_batchnorm_normalises_per_slice_and_applies_every_ranks_statistics(
+    world, micro_batches
+):
+    """Each slice is normalised alone, and every rank ends with the running statistics of one
+    nn.BatchNorm that saw all slices in global order (micro-batch by micro-batch, then rank)."""
+    want = _sequential_batchnorm(_micro_batches(world * micro_batches))
+    if world == 1:
+        results = [_local_rank_fn(0, 1, micro_batches)]
+    else:
+        results = run_ranks(_local_rank_fn, world, micro_batches, timeout=60)
+    for got in results:
+        for j, (a, b) in got["outs"].items():
+            torch.testing.assert_close(torch.as_tensor(a), want["outs"][2 * j], **TOL)
+            torch.testing.assert_close(torch.as_tensor(b), want["outs"][2 * j + 1], **TOL)
+        for name, value in want["state"].items():
+            torch.testing.assert_close(torch.as_tensor(got["state"][name]), value, **TOL, msg=name)
+
+
+def test_frozen_statistics_leave_running_statistics_and_records_untouched():
+    from hpc_btunet.global_batchnorm import (
+        LocalBatchNorm,
+        apply_recorded_statistics,
+        frozen_statistics,
+    )
+
+    net = nn.Sequential(nn.BatchNorm2d(3), LocalBatchNorm(3))
+    x = _micro_batches(1)[0]
+    net(x)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with frozen_statistics(net):
+        net(x * 3)
+        assert not torch.equal(net[0].running_mean, before["0.running_mean"])
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    assert len(net[1].records) == 1, "only the forward outside the block is recorded"
+    apply_recorded_statistics(net)
+    assert int(net[1].num_batches_tracked) == 1 and not net[1].records
+
+
+def test_local_batchnorm_refuses_a_batch_of_one():
+    from hpc_btunet.global_batchnorm import LocalBatchNorm
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        LocalBatchNorm(3)(torch.randn(1, 3))

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from multiproc import run_ranks
 
-from hpc_btunet.data.loader import make_loader
+from hpc_btunet.data.loader import ShardStream, make_loader
 
 
 def _epoch(rank, world_size, root, batch_size, num_workers, drop_last):
@@ -48,6 +48,12 @@ def test_two_ranks_equal_batches_every_sample_once(toy_pack, num_shards, drop_la
     assert b0 == b1 == len0 == len1
     real = [k for k, p in zip(k0 + k1, p0 + p1, strict=True) if not p]
     assert len(real) == len(set(real)), "no sample is read twice in an epoch"
+    one = ShardStream(out, "train", batch_size=2 * batch_size, seed=11, drop_last=drop_last)
+    one.set_epoch(1)
+    steps = [slice(s * batch_size, (s + 1) * batch_size) for s in range(b0)]
+    assert [(b["key"], b["pad"].tolist()) for b in one] == [
+        (k0[s] + k1[s], p0[s] + p1[s]) for s in steps
+    ], "at every step the two ranks read what one process reads with the global batch"
     if drop_last:
         assert b0 == 42 // (2 * batch_size) and len(real) == b0 * 2 * batch_size
     else:

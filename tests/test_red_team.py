@@ -273,6 +273,16 @@ CASES = {
     "lr-not-a-number": ([*PRE, "--lr", "fast"], ["--lr", "invalid float"]),
     "num-workers-negative": ([*PRE, "--num-workers", "-1"], ["--num-workers", ">= 0"]),
     "batch-size-one-pretrain": ([*PRE, "--batch-size", "1"], ["global batch of 1", "--batch-size"]),
+    "accumulate-zero": ([*PRE, "--accumulate", "0"], ["--accumulate", ">= 1"]),
+    "bn-scope-unknown": ([*PRE, "--bn-scope", "sync"], ["--bn-scope", "choose"]),
+    "batchnorm-over-one-image": (
+        [*PRE, "--batch-size", "1", "--accumulate", "2", "--bn-scope", "local"],
+        ["BatchNorm over 1 image", "--batch-size"],
+    ),
+    "accumulated-batch-over-train-split": (
+        [*PRE, "--accumulate", "100"],
+        ["fewer than one global batch", "--accumulate"],
+    ),
     "global-batch-over-train-split": (
         [*PRE, "--batch-size", "500"],
         ["fewer than one global batch", "--batch-size"],
@@ -412,11 +422,11 @@ CASES = {
     ),
     "deepspeed-config-global-batch": (
         [*DS, "--deepspeed-config", "{ds_global}"],
-        ["train_batch_size = 16", "the flags give 4", "--batch-size x world size"],
+        ["train_batch_size = 16", "the flags give 4", "--batch-size x --accumulate x world size"],
     ),
     "deepspeed-config-accumulation": (
         [*DS, "--deepspeed-config", "{ds_accumulate}"],
-        ["gradient_accumulation_steps = 2", "always 1"],
+        ["gradient_accumulation_steps = 2", "the flags give 1", "--accumulate"],
     ),
     "deepspeed-config-clipping": (
         [*DS, "--deepspeed-config", "{ds_clip}"],

@@ -29,12 +29,18 @@ def config(data, out, **kw):
 
 def test_identity_holds_result_options_and_inputs_by_content(data, tmp_path):
     a = config(data, tmp_path).identity(1)
-    assert a["options"]["lr"] == 1e-3 and a["world_size"] == 1
+    assert a["options"]["lr"] == 1e-3 and a["batch"] == {"global": 8, "batchnorm": 8}
     assert "checkpoint_every" not in a["options"] and "out" not in a["options"]
     assert "data" not in a["options"] and len(a["dataset_manifest_sha256"]) == 64
     assert config(data, tmp_path / "elsewhere", checkpoint_every=2).identity(1) == a
     assert config(data, tmp_path, lambd=0.01).identity(1) != a
-    assert config(data, tmp_path).identity(2) != a
+    # the batch layout counts by what it amounts to: the global batch and BatchNorm's batch
+    assert config(data, tmp_path).identity(2) != a  # 2 x 8: another global batch
+    assert config(data, tmp_path, batch_size=4).identity(2) == a  # 2 x 4, global BatchNorm
+    assert config(data, tmp_path, batch_size=4, bn_scope="local").identity(2) != a
+    local = config(data, tmp_path, batch_size=4, bn_scope="local").identity(2)
+    assert config(data, tmp_path, batch_size=4, accumulate=2, bn_scope="local").identity(1) == local
+    assert config(data, tmp_path, num_workers=3).identity(1) == a  # the order does not change
 
 
 def test_forced_resume_continues_and_records_the_change(data, tmp_path):
@@ -98,15 +104,19 @@ def test_preemption_is_seen_while_verifying_shards(data, tmp_path, monkeypatch):
     assert not list_checkpoints(cfg.run_dir() / "checkpoints")
 
 
-def test_preemption_is_seen_while_replaying_to_a_mid_epoch_checkpoint(data, tmp_path, monkeypatch):
+def test_resuming_mid_epoch_reads_no_batch_before_the_checkpoint(data, tmp_path, monkeypatch):
+    from hpc_btunet.data.loader import ShardStream
+
     cfg = config(data, tmp_path, steps=8, checkpoint_every=3)  # 5 steps per epoch: 3 is mid-epoch
     _stop_at(monkeypatch, 3)
     with pytest.raises(Preempted, match="step 3"):
         pretrain.run(cfg)
     assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003"]
-    _stop_at(monkeypatch, 2)  # the second of the three batches skipped on resume
-    with pytest.raises(Preempted, match="step 3"):
-        pretrain.run(cfg)
-    assert [p.name for p in list_checkpoints(cfg.run_dir() / "checkpoints")] == ["step-00000003"], (
-        "nothing new to save: it requeues at once"
+    monkeypatch.undo()
+    decoded = []
+    real = ShardStream._decode
+    monkeypatch.setattr(
+        ShardStream, "_decode", lambda self, *a: decoded.append(1) or real(self, *a)
     )
+    pretrain.run(cfg)
+    assert len(decoded) == 5 * 8, "steps 4-8 only: 2 batches of epoch 0, 3 of epoch 1"

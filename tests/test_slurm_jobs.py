@@ -275,7 +275,7 @@ def test_a_dead_rank_ends_a_two_node_job_at_once(data, tmp_path):
     shutil.copytree(data, damaged)
     manifest = load_manifest(damaged)
     shards = manifest.shards_of("train")
-    ref = plan_epoch(shards, None, batch_size=4, world_size=2, seed=0, epoch=0)[1][0]
+    ref = plan_epoch(shards, None, batch_size=4, world_size=2, seed=0, epoch=0).rank_refs(1)[0]
     key = shards[ref.shard].keys[ref.pos]
     flip_sample_byte(damaged, manifest, key)
     start = time.monotonic()

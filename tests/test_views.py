@@ -1,4 +1,5 @@
-"""Two distorted views: shape, range, seeded determinism, independence, global RNG untouched."""
+"""Two distorted views: shape, range, seeded determinism per sample, independence, global RNG
+untouched."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _images(channels: int, n: int = 6, size: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shape_dtype_range(channels):
     images = _images(channels)
-    view_a, view_b = TwoViews()(images, seed=0, step=0, rank=0)
+    view_a, view_b = TwoViews()(images, seed=0, step=0)
     for v in (view_a, view_b):
         assert v.shape == images.shape and v.dtype == torch.float32
         assert v.device == images.device
@@ -31,42 +32,64 @@ def test_shape_dtype_range(channels):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_same_seed_step_rank_gives_the_same_views(channels):
+def test_same_seed_and_step_give_the_same_views(channels):
     images = _images(channels)
-    first = TwoViews()(images, seed=7, step=3, rank=1)
+    first = TwoViews()(images, seed=7, step=3)
     torch.manual_seed(12345)  # the global RNG state must not matter
     torch.rand(10)
-    second = TwoViews()(images, seed=7, step=3, rank=1)
+    second = TwoViews()(images, seed=7, step=3)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
-def test_views_differ_across_steps_ranks_seeds_and_between_a_and_b():
+@pytest.mark.parametrize("cuts", [[4, 8], [2, 4, 6, 8], [3, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+def test_views_are_seeded_by_the_samples_place_in_the_global_batch(cuts):
+    """Slices of a global batch (W ranks, K micro-batches) get the rows of the whole batch's
+    views, bitwise, and the draws of one step are not shared by another step."""
+    images = _images(3, n=8)
+    views = TwoViews()
+    whole = views(images, seed=5, step=2)
+    start, parts = 0, []
+    for stop in cuts:
+        parts.append(TwoViews()(images[start:stop], seed=5, step=2, offset=start, total=8))
+        start = stop
+    for i, whole_view in enumerate(whole):
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole_view)
+    other = views(images[:4], seed=5, step=3, offset=0, total=8)
+    assert not torch.allclose(other[0], whole[0][:4])
+
+
+def test_rows_outside_the_global_batch_are_refused():
+    with pytest.raises(ValueError, match="outside a global batch of 8"):
+        TwoViews()(_images(1, n=4), seed=0, step=0, offset=6, total=8)
+
+
+def test_views_differ_across_steps_seeds_and_between_a_and_b():
     images = _images(1)
     views = TwoViews()
-    base_a, base_b = views(images, seed=7, step=3, rank=1)
+    base_a, base_b = views(images, seed=7, step=3)
     assert not torch.allclose(base_a, base_b)
     for i in range(len(images)):  # every image's two views are different draws
         assert not torch.allclose(base_a[i], base_b[i])
-    for kw in ({"seed": 8, "step": 3, "rank": 1}, {"seed": 7, "step": 4, "rank": 1}):
+    for kw in ({"seed": 8, "step": 3}, {"seed": 7, "step": 4}):
         other_a, _ = views(images, **kw)
         assert not torch.allclose(other_a, base_a)
-    other_a, _ = views(images, seed=7, step=3, rank=0)
-    assert not torch.allclose(other_a, base_a)
+    for i in range(1, len(images)):  # every image of a batch gets its own draw
+        assert not torch.allclose(base_a[i], base_a[0])
 
 
 def test_the_global_rng_is_untouched():
     torch.manual_seed(99)
     expected = torch.rand(5)
     torch.manual_seed(99)
-    TwoViews()(_images(3), seed=1, step=2, rank=0)
+    TwoViews()(_images(3), seed=1, step=2)
     assert torch.equal(torch.rand(5), expected)
 
 
-def test_view_seed_mixes_all_three_numbers():
-    seeds = {view_seed(s, t, r) for s in range(3) for t in range(3) for r in range(3)}
-    assert len(seeds) == 27 and all(0 <= s < 2**63 for s in seeds)
-    assert view_seed(1, 2, 0) != view_seed(2, 1, 0)
+def test_view_seed_mixes_both_numbers():
+    seeds = {view_seed(s, t) for s in range(5) for t in range(5)}
+    assert len(seeds) == 25 and all(0 <= s < 2**63 for s in seeds)
+    assert view_seed(1, 2) != view_seed(2, 1)
 
 
 IDENTITY = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "rotation_degrees": 0.0}

@@ -1,20 +1,30 @@
 """Streaming loader over packed shards, exact under DDP: every rank yields the same batch count.
 
-An epoch is planned from the manifest alone, identically on every rank:
+An epoch's global sample order is planned from the manifest alone, identically on every rank,
+and depends on (seed, epoch, selection, shuffle options) only -- not on the world size, the batch
+size or the number of workers:
 
 1. the samples of the split (optionally restricted to a key set) are listed shard by shard, the
    shard order permuted and the sequence rotated by a random offset, both seeded by (seed, epoch);
-2. the sequence is cut to ``world_size * batches * batch_size`` samples: with ``drop_last`` the
-   remainder is dropped (it differs from epoch to epoch), otherwise it is padded by wrapping
-   around, and padded samples are flagged in the batch (``batch["pad"]``) so evaluation can
-   ignore them;
-3. rank ``r`` takes the ``r``-th contiguous block, and its DataLoader workers take contiguous runs
-   of whole batches. Contiguous blocks keep reads sequential; the manifest's byte offsets let a
-   reader start in the middle of a shard, so one shard serves any number of ranks.
+2. when shuffling, a seeded *window shuffle* mixes the whole sequence: every sample moves at most
+   ``shuffle_window`` positions from its place (a quarter of that on average), so the samples
+   of a batch lie close together in one or two shards;
+3. the sequence is cut to whole global batches of ``G = world_size * batch_size``: with
+   ``drop_last`` the remainder is dropped (it differs from epoch to epoch), otherwise it is padded
+   by wrapping around, and padded samples are flagged in the batch (``batch["pad"]``) so
+   evaluation can ignore them.
 
-Within a worker a seeded shuffle buffer mixes the samples before batching. Batches are dicts:
-``key`` (list of str), ``image`` (uint8, B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W,
-when the samples have masks) and ``pad`` (bool, B).
+Global batch ``s`` is samples ``[s*G, (s+1)*G)``; rank ``r`` takes the ``r``-th slice of
+``batch_size`` samples of every global batch. For a fixed ``G``, the ranks' batches at step ``s``,
+concatenated in rank order, are the same whatever the world size. A rank's DataLoader workers take
+its batches round-robin (worker ``w`` of ``N``: batches ``w, w+N, ...``), so PyTorch's in-order
+DataLoader yields them in plan order for any ``num_workers``. ``set_epoch(epoch, start=k)`` makes
+iteration begin at batch ``k`` without reading the ones before (a job resumed mid-epoch); ``len``
+stays the full count. Within a batch, samples are read in (shard, position) order, neighbours in
+a shard as one tar stream; the manifest's byte offsets let a reader start anywhere in a shard, so
+one shard serves any number of ranks. Batches are dicts: ``key`` (list of str), ``image`` (uint8,
+B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W, when the samples have masks) and ``pad``
+(bool, B).
 
 What is checked, so that a damaged dataset stops training with a message naming the shard instead
 of training on garbage: when the stream is built, that every shard exists with the size the
@@ -27,10 +37,12 @@ it decodes to the manifest's shape.
 from __future__ import annotations
 
 import json
+import operator
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -40,12 +52,58 @@ from hpc_btunet.data.codec import decode_array, payload_crc, read_members, split
 from hpc_btunet.data.manifest import Manifest, ShardInfo, load_manifest, verify_shards
 from hpc_btunet.errors import ShardError, UserError
 
+_OPEN_SHARDS = 8  # files a worker keeps open across batches
+
 
 @dataclass(frozen=True)
 class SampleRef:
     shard: int  # index into the loader's shard list
     pos: int  # position of the sample inside that shard
     pad: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """One epoch's global sample order, cut to whole global batches: sample ``i`` is position
+    ``pos[i]`` of shard ``shard[i]`` (indices into the loader's shard list), ``pad[i]`` when it
+    repeats an earlier sample to fill the last global batch."""
+
+    shard: np.ndarray
+    pos: np.ndarray
+    pad: np.ndarray
+    batch_size: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def steps(self) -> int:
+        """Global batches in the epoch (= batches per rank)."""
+        return len(self.shard) // self.global_batch
+
+    def rank_batches(self, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(shard, pos, pad)`` of rank ``rank``, each ``steps x batch_size``: row ``s`` is the
+        rank's slice of global batch ``s``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world size {self.world_size}")
+        shape = (self.steps, self.world_size, self.batch_size)
+        shard, pos, pad = (
+            a.reshape(shape)[:, rank].copy() for a in (self.shard, self.pos, self.pad)
+        )
+        return shard, pos, pad
+
+    def rank_refs(self, rank: int) -> list[SampleRef]:
+        """The samples rank ``rank`` yields over the epoch, in order."""
+        shard, pos, pad = (a.ravel().tolist() for a in self.rank_batches(rank))
+        return [SampleRef(s, p, d) for s, p, d in zip(shard, pos, pad, strict=True)]
+
+
+def _selected_positions(shard: ShardInfo, keys: set[str] | None) -> np.ndarray:
+    if keys is None:
+        return np.arange(len(shard.keys), dtype=np.int64)
+    return np.array([p for p, k in enumerate(shard.keys) if k in keys], dtype=np.int64)
 
 
 def plan_epoch(
@@ -58,44 +116,35 @@ def plan_epoch(
     epoch: int,
     shuffle: bool = True,
     drop_last: bool = True,
-) -> list[list[SampleRef]]:
-    """The samples of each rank for one epoch, in reading order; all ranks get the same count."""
+    shuffle_window: int = 256,
+) -> EpochPlan:
+    """The global sample order of one epoch (see the module docstring); only the cut to whole
+    global batches depends on ``batch_size`` and ``world_size``."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
-    seq = [
-        SampleRef(int(i), pos)
-        for i in order
-        for pos, key in enumerate(shards[i].keys)
-        if keys is None or key in keys
-    ]
-    n, per_step = len(seq), world_size * batch_size
+    picked = [_selected_positions(shards[i], keys) for i in order]
+    pos = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+    shard = np.repeat(order.astype(np.int64), [len(p) for p in picked])
+    n, per_step = len(pos), world_size * batch_size
     if n == 0:
         raise UserError("no samples selected: the split or key set is empty")
     if shuffle:
         shift = int(rng.integers(n))
-        seq = seq[shift:] + seq[:shift]
+        shard, pos = np.roll(shard, -shift), np.roll(pos, -shift)
+        if shuffle_window > 1:
+            # jitter sort: position + U(0, w) noise, sorted; a sample can only pass the ones
+            # less than w places away, so none moves farther than w
+            mix = np.argsort(np.arange(n) + rng.uniform(0, shuffle_window, n), kind="stable")
+            shard, pos = shard[mix], pos[mix]
     steps = n // per_step if drop_last else -(-n // per_step)
     if steps == 0:
         raise UserError(
             f"{n} samples are fewer than one global batch ({world_size} rank(s) x batch size "
             f"{batch_size} = {per_step}): lower --batch-size or use fewer ranks"
         )
-    total = steps * per_step
-    while len(seq) < total:  # wrap around, flagging the repeats
-        seq += [SampleRef(r.shard, r.pos, pad=True) for r in seq[: total - len(seq)]]
-    per_rank = steps * batch_size
-    return [seq[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
-
-
-def worker_slice(
-    refs: list[SampleRef], batch_size: int, worker: int, num_workers: int
-) -> list[SampleRef]:
-    """Contiguous runs of whole batches per worker (earlier workers take one extra if uneven)."""
-    batches = len(refs) // batch_size
-    base, extra = divmod(batches, num_workers)
-    start = worker * base + min(worker, extra)
-    stop = start + base + (1 if worker < extra else 0)
-    return refs[start * batch_size : stop * batch_size]
+    index = np.arange(steps * per_step)
+    take = index % n  # wrap around, flagging the repeats
+    return EpochPlan(shard[take], pos[take], index >= n, batch_size, world_size)
 
 
 class ShardStream(IterableDataset):
@@ -103,6 +152,8 @@ class ShardStream(IterableDataset):
 
     ``rank`` and ``world_size`` are plain numbers given by the caller (the data code knows nothing
     else of distribution). Call ``set_epoch`` before each epoch, as with ``DistributedSampler``.
+    ``shuffle_window`` bounds how far the shuffle moves a sample from its place in the shard
+    sequence (0 or 1: shard order and rotation only).
     """
 
     def __init__(
@@ -118,7 +169,7 @@ class ShardStream(IterableDataset):
         shuffle: bool = True,
         drop_last: bool = True,
         with_masks: bool | None = None,
-        shuffle_buffer: int = 256,
+        shuffle_window: int = 256,
         verify: bool = False,
         manifest: Manifest | None = None,
     ) -> None:
@@ -126,6 +177,8 @@ class ShardStream(IterableDataset):
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
+        if shuffle_window < 0:
+            raise UserError(f"shuffle_window must be at least 0, got {shuffle_window}")
         self.root = Path(root)
         self.manifest = manifest or load_manifest(self.root)
         self.shards = self.manifest.shards_of(split)
@@ -157,10 +210,13 @@ class ShardStream(IterableDataset):
         self.unlabelled = unlabelled
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        self.shuffle_window = shuffle_window
         self._check_files(verify)
-        self.batches_per_epoch = len(self._plan()) // batch_size
+        self.epoch, self.start = 0, 0
+        # this rank's (shard, pos, pad), steps x batch_size, planned in the main process so
+        # that workers (started at each epoch) inherit it
+        self._batches = self._plan(0)
+        self.batches_per_epoch = len(self._batches[0])
 
     def _check_files(self, verify: bool) -> None:
         if verify:
@@ -182,38 +238,48 @@ class ShardStream(IterableDataset):
                 + "\nrepack the dataset or copy the shards again (`hpc-btunet verify` checks them)"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate over epoch ``epoch`` from this rank's batch ``start`` on: a job resumed
+        mid-epoch skips the batches it trained on without reading them. ``len`` stays the full
+        number of batches per epoch."""
+        start = operator.index(start)
+        if not 0 <= start <= self.batches_per_epoch:
+            raise UserError(
+                f"cannot start epoch {epoch} at batch {start}: an epoch has "
+                f"{self.batches_per_epoch} batches on this rank (start 0 to "
+                f"{self.batches_per_epoch})"
+            )
+        if epoch != self.epoch:
+            self._batches = self._plan(epoch)
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _plan(self) -> list[SampleRef]:
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return plan_epoch(
             self.shards,
             self.keys,
             batch_size=self.batch_size,
             world_size=self.world_size,
             seed=self.seed,
-            epoch=self.epoch,
+            epoch=epoch,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
-        )[self.rank]
+            shuffle_window=self.shuffle_window,
+        ).rank_batches(self.rank)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        refs = worker_slice(self._plan(), self.batch_size, worker, num_workers)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
-        samples = self._read(refs)
-        if self.shuffle:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
-        batch: list[tuple] = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch)
-                batch = []
+        shard, pos, pad = self._batches
+        handles: dict[int, BinaryIO] = {}  # open for the epoch, per worker
+        try:
+            for step in range(self.start + worker, len(shard), num_workers):
+                yield self._collate(self._read_batch(shard[step], pos[step], pad[step], handles))
+        finally:
+            for f in handles.values():
+                f.close()
 
     def _collate(self, batch: list[tuple]) -> dict:
         out = {
@@ -225,30 +291,38 @@ class ShardStream(IterableDataset):
             out["mask"] = torch.from_numpy(np.stack([b[2] for b in batch]))
         return out
 
-    def _read(self, refs: list[SampleRef]) -> Iterator[tuple]:
-        """Decode the samples of ``refs`` in order, reading consecutive ones as one tar stream."""
-        handles: dict[int, object] = {}
-        try:
-            i = 0
-            while i < len(refs):
-                j = i + 1
-                while (
-                    j < len(refs)
-                    and refs[j].shard == refs[i].shard
-                    and refs[j].pos == refs[j - 1].pos + 1
-                ):
-                    j += 1
-                shard = self.shards[refs[i].shard]
-                if refs[i].shard not in handles:
-                    handles[refs[i].shard] = open(self.root / shard.name, "rb")  # noqa: SIM115
-                for k, raw in enumerate(
-                    self._read_run(handles[refs[i].shard], shard, refs[i].pos, j - i)
-                ):
-                    yield self._decode(shard, raw, refs[i + k].pad)
-                i = j
-        finally:
-            for f in handles.values():
-                f.close()
+    def _read_batch(
+        self, shard: np.ndarray, pos: np.ndarray, pad: np.ndarray, handles: dict[int, BinaryIO]
+    ) -> list[tuple]:
+        """Decode one batch, returned in plan order but read in (shard, position) order, so that
+        neighbours in a shard are one tar stream and seeks within a shard go forward."""
+        order = np.lexsort((pos, shard)).tolist()
+        shard, pos = shard.tolist(), pos.tolist()
+        out: list[tuple] = [()] * len(order)
+        i = 0
+        while i < len(order):
+            s, first = shard[order[i]], pos[order[i]]
+            j = i + 1
+            while j < len(order) and shard[order[j]] == s and pos[order[j]] == first + j - i:
+                j += 1
+            info = self.shards[s]
+            f = self._handle(s, handles)
+            for slot, raw in zip(order[i:j], self._read_run(f, info, first, j - i), strict=True):
+                out[slot] = self._decode(info, raw, bool(pad[slot]))
+            i = j
+        return out
+
+    def _handle(self, shard: int, handles: dict[int, BinaryIO]) -> BinaryIO:
+        """An open file of shard ``shard``, kept across batches; the plan walks the shards one
+        after another, so only the most recently used few stay open (a dataset of thousands
+        of shards must not exhaust the process's file limit)."""
+        f = handles.pop(shard, None)
+        if f is None:
+            f = open(self.root / self.shards[shard].name, "rb")  # noqa: SIM115
+            if len(handles) >= _OPEN_SHARDS:
+                handles.pop(next(iter(handles))).close()
+        handles[shard] = f  # dicts keep insertion order: the first is the least recently used
+        return f
 
     def _read_run(self, f, shard: ShardInfo, start: int, count: int) -> Iterator[dict[str, bytes]]:
         expected = shard.keys[start : start + count]
@@ -319,20 +393,6 @@ class ShardStream(IterableDataset):
         return key, np.ascontiguousarray(image), mask, pad
 
 
-def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Emit items in a random order using a buffer of ``size``: each emission is a uniform pick
-    from the buffer, so items travel at most a buffer's length from their reading position."""
-    buf: list = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= size:
-            i = int(rng.integers(len(buf)))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    for i in rng.permutation(len(buf)):
-        yield buf[i]
-
-
 def make_loader(
     root: str | Path,
     split: str = "train",
@@ -345,7 +405,9 @@ def make_loader(
     """A ``DataLoader`` over ``ShardStream(root, split, batch_size=..., **stream_options)``.
 
     ``len(loader)`` is the number of batches per epoch on this rank, equal on every rank. Call
-    ``loader.dataset.set_epoch(epoch)`` before each epoch.
+    ``loader.dataset.set_epoch(epoch)`` before each epoch (``start=k`` to begin at batch ``k``).
+    Batches come in plan order for any ``num_workers``: workers take batches round-robin and the
+    DataLoader returns them in order.
     """
     stream = ShardStream(root, split, batch_size=batch_size, **stream_options)
     return DataLoader(

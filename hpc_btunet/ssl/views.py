@@ -15,11 +15,14 @@ each of the two views is an independent draw of, in this order:
 Output: float32 in [0, 1], or ``(x - mean) / std`` when ``mean``/``std`` are given. The geometry
 runs on the images' device with kornia (batched warps; kornia needs no torchvision).
 
-Determinism: the random parameters are drawn on the CPU from torch's default generator seeded
-from ``(seed, step, rank)`` inside ``torch.random.fork_rng``, so the same triple gives the same
-views whatever the global RNG state and on any device (up to interpolation rounding), and the
-caller's RNG state is left untouched. The parameter streams depend on kornia's sampling code:
-views are reproducible for a given kornia version.
+Determinism, per sample: the random parameters of a step are drawn for the whole *global* batch
+(``total`` images) on the CPU from torch's default generator seeded from ``(seed, step)`` inside
+``torch.random.fork_rng``, then each caller takes the rows of its own images (``offset``: the
+position of its first image in the global batch). So the two views of an image depend only on
+``(seed, step, its position in the global batch, total)``: one process with the whole batch, W
+ranks with a slice each, or K accumulated micro-batches produce the same views (bitwise on the
+CPU), whatever the global RNG state, and the caller's RNG state is left untouched. The parameter
+streams depend on kornia's sampling code: views are reproducible for a given kornia version.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from torch import Tensor
 from hpc_btunet.errors import UserError
 
 __all__ = ["PADDING_MODES", "TwoViews", "ViewConfig", "view_seed"]
+
+Params = list  # kornia ParamItems, one per stage
 
 PADDING_MODES = ("reflection", "zeros", "border")
 
@@ -85,24 +90,26 @@ class ViewConfig:
             raise UserError(f"view mean {self.mean} and std {self.std} differ in length")
 
 
-def view_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed that depends on every bit of ``(seed, step, rank)`` (no collisions like
+def view_seed(seed: int, step: int) -> int:
+    """A 63-bit seed that depends on every bit of ``(seed, step)`` (no collisions like
     ``seed + step`` would give between neighbouring runs)."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 class TwoViews:
-    """``TwoViews(cfg)(images, seed=, step=, rank=) -> (view_a, view_b)``.
+    """``TwoViews(cfg)(images, seed=, step=, offset=, total=) -> (view_a, view_b)``.
 
-    ``images``: uint8 ``N x C x H x W`` on any device. The views have the same shape, float32, on
-    the same device. Not an ``nn.Module`` on purpose: moving it to a device would move kornia's
+    ``images``: uint8 ``N x C x H x W`` on any device, rows ``offset .. offset + N`` of a global
+    batch of ``total`` images (default: the whole batch). The views have the same shape, float32,
+    on the same device. Not an ``nn.Module`` on purpose: moving it to a device would move kornia's
     samplers there and make the draws device-dependent.
     """
 
     def __init__(self, cfg: ViewConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else ViewConfig()
         self._pipelines: dict[tuple[int, int], K.AugmentationSequential] = {}
+        self._drawn: tuple[tuple, tuple[Params, Params]] | None = None  # the last step's draws
 
     def _pipeline(self, size: tuple[int, int]) -> K.AugmentationSequential:
         if size not in self._pipelines:
@@ -122,6 +129,21 @@ class TwoViews:
             self._pipelines[size] = K.AugmentationSequential(*stages)
         return self._pipelines[size]
 
+    def _draw(self, shape: tuple[int, ...], seed: int, step: int) -> tuple[Params, Params]:
+        """Both views' parameters for a global batch of ``shape`` (drawn once per step)."""
+        key = (shape, seed, step)
+        if self._drawn is None or self._drawn[0] != key:
+            pipeline = self._pipeline(shape[2:])
+            with torch.random.fork_rng(devices=[]):
+                # only the CPU generator: kornia samples its parameters there
+                torch.default_generator.manual_seed(view_seed(seed, step))
+                draws = (
+                    pipeline.forward_parameters(torch.Size(shape)),
+                    pipeline.forward_parameters(torch.Size(shape)),
+                )
+            self._drawn = (key, draws)
+        return self._drawn[1]
+
     def _normalise(self, x: Tensor) -> Tensor:
         if self.cfg.mean is None:
             return x
@@ -136,18 +158,44 @@ class TwoViews:
         return (x - mean) / std
 
     def __call__(
-        self, images: Tensor, *, seed: int, step: int, rank: int = 0
+        self,
+        images: Tensor,
+        *,
+        seed: int,
+        step: int,
+        offset: int = 0,
+        total: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
                 f"expected a uint8 batch N x C x H x W, got {images.dtype} of shape "
                 f"{tuple(images.shape)}"
             )
+        n = images.shape[0]
+        total = n if total is None else total
+        if not 0 <= offset <= total - n:
+            raise ValueError(f"rows {offset}..{offset + n} lie outside a global batch of {total}")
         x = images.to(torch.float32) / 255
         pipeline = self._pipeline((images.shape[2], images.shape[3]))
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            # only the CPU generator: kornia samples its parameters there (see module docstring)
-            torch.default_generator.manual_seed(view_seed(seed, step, rank))
-            view_a = pipeline(x)
-            view_b = pipeline(x)
+        draws = self._draw((total, *images.shape[1:]), seed, step)
+        with torch.no_grad():
+            view_a, view_b = (
+                pipeline(x, params=_rows(params, offset, n, x.device)) for params in draws
+            )
         return self._normalise(view_a), self._normalise(view_b)
+
+
+def _rows(params: Params, offset: int, n: int, device: torch.device) -> Params:
+    """The parameters of rows ``offset .. offset + n`` of a batch's draw, on ``device``."""
+    out = []
+    for item in params:
+        data = {}
+        for name, value in item.data.items():
+            if name == "forward_input_shape":  # the batch's shape, not a per-row value
+                value = value.clone()
+                value[0] = n
+            else:
+                value = value[offset : offset + n].to(device)
+            data[name] = value
+        out.append(type(item)(item.name, data))
+    return out

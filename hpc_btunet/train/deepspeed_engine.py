@@ -25,6 +25,14 @@ What DeepSpeed does not do for us, and how this engine makes up for it:
   is not built, so DeepSpeed on CPU needs no compiler.
 - It averages gradients over ranks like DDP, so the Barlow Twins loss's autograd-aware gather
   gives the exact global-batch gradient here too.
+- It divides each micro-batch's loss by its gradient-accumulation steps; the job's micro-batch
+  losses already give exact gradients (the gradient cache of ``--accumulate``), so ``backward``
+  is told not to.
+- Its ZeRO 1/2 checkpoints hold each rank's partition of the optimiser state, which DeepSpeed
+  (0.19) refuses to load on another world size (only its offline "universal checkpoint"
+  conversion re-splits them): such a resume is refused before submission
+  (:func:`hpc_btunet.train.session.check_resumable`). ZeRO 0 keeps the whole optimiser state in
+  one file and resumes on any world size, as DDP does.
 
 LARS: ZeRO 1 and 2 hand the optimiser flat partitions that mix tensors, where LARS's per-tensor
 trust ratios are meaningless; that combination is refused when the config is built
@@ -53,9 +61,9 @@ from hpc_btunet.train.engine import HALF, Engine, EngineSpec, plain
 CONFIG_NAME = "deepspeed.json"
 # keys of the generated config that belong to the toolkit's flags, and the flag that owns each
 OWNED = {
-    "train_batch_size": "--batch-size x world size",
+    "train_batch_size": "--batch-size x --accumulate x world size",
     "train_micro_batch_size_per_gpu": "--batch-size",
-    "gradient_accumulation_steps": "always 1: a batch-dependent loss cannot accumulate",
+    "gradient_accumulation_steps": "--accumulate (exact: the job hands over gradient-cache losses)",
     "gradient_clipping": "--grad-clip",
     "zero_optimization.stage": "--zero-stage",
     "bf16.enabled": "--precision",
@@ -105,9 +113,9 @@ def import_deepspeed(device: torch.device):
 def generated_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config the flags ask for."""
     return {
-        "train_batch_size": spec.batch_size * world_size,
+        "train_batch_size": spec.batch_size * spec.accumulate * world_size,
         "train_micro_batch_size_per_gpu": spec.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": spec.accumulate,
         "gradient_clipping": spec.grad_clip,
         "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": spec.precision == "bf16"},
@@ -300,10 +308,14 @@ class DeepSpeedEngine(Engine):
         super().close()
 
     def meta(self):
-        return super().meta() | {"zero_stage": self.spec.zero_stage}
+        # elastic: any number of ranks can load the state (not ZeRO 1/2's partitions)
+        return super().meta() | {
+            "zero_stage": self.spec.zero_stage,
+            "elastic": not self.spec.zero_stage,
+        }
 
     def _convert_batchnorm(self, module):
-        if self.spec.precision in HALF:  # parameters in half precision, buffers in fp32
+        if self.spec.precision in HALF and not self._local_bn:  # half parameters, fp32 buffers
             return convert_global_batchnorm(module)
         return super()._convert_batchnorm(module)
 
@@ -334,10 +346,16 @@ class DeepSpeedEngine(Engine):
         return x.to(HALF[self.spec.precision]) if self.spec.precision in HALF else x
 
     def step(self, loss):
-        self.ds.backward(loss)
-        self.ds.step()  # clips, unscales, steps and zeroes the gradients
+        self._boundary()
+        boundary = self.ds.is_gradient_accumulation_boundary()  # DeepSpeed counts the same way
+        self.ds.backward(loss, scale_wrt_gas=False)  # the job's micro-batch losses are exact
+        self.ds.step()  # at the boundary: clips, unscales, steps and zeroes the gradients
+        if not boundary:
+            return False
         if self.ds.was_step_applied() and self.scheduler is not None:
             self.scheduler.step()
+        self._after_step()
+        return True
 
     def save(self, folder):
         folder = Path(folder)

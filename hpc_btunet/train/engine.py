@@ -6,7 +6,10 @@ A job builds its model, optimiser and learning-rate schedule, hands them to
 
 - ``engine.inputs(x)`` puts a batch on the device in the dtype and memory format the engine needs,
   and ``with engine.autocast():`` surrounds the forward pass;
-- ``engine.step(loss)``: backward, gradient clipping, loss scaling, optimiser and scheduler step;
+- ``engine.step(loss)``: backward, then, on every ``accumulate``-th call (every call by default),
+  gradient clipping, loss scaling, the optimiser and scheduler step; it returns whether the
+  optimiser stepped. Between those calls the gradients of the micro-batches add up (DDP
+  communicates only at the last one);
 - ``engine.save(folder)`` / ``engine.load(folder)``: the engine's share of a checkpoint (every rank
   calls them; :mod:`hpc_btunet.train.session` makes the folder a checkpoint only when all ranks
   have written);
@@ -14,9 +17,13 @@ A job builds its model, optimiser and learning-rate schedule, hands them to
   the same whichever engine trained it;
 - ``engine.is_main``, ``engine.barrier()``, ``engine.all_finite(x)``.
 
-Jobs never ask which engine they run on. BatchNorm statistics are global whenever the world size
-is above one (``nn.SyncBatchNorm`` on CUDA, our ``GlobalBatchNorm`` on CPU, where SyncBatchNorm
-cannot train), so W ranks compute what one process computes on the global batch.
+Jobs never ask which engine they run on. BatchNorm statistics have a scope (``bn_scope``):
+``global`` (default): across ranks whenever the world size is above one (``nn.SyncBatchNorm`` on
+CUDA, our ``GlobalBatchNorm`` on CPU, where SyncBatchNorm cannot train), so W ranks compute what
+one process computes on the global batch; ``local``: each rank's own (micro-)batch, with the
+running statistics of all ranks applied in order at every optimiser step
+(:class:`~hpc_btunet.global_batchnorm.LocalBatchNorm`), so W ranks compute what one process
+computes with W accumulated micro-batches.
 
 Precision: ``fp32``; ``bf16`` and ``fp16`` run the forward pass in half precision. Under DDP that
 is ``torch.autocast`` (weights stay fp32) with a gradient scaler for fp16; DeepSpeed casts the
@@ -39,10 +46,15 @@ from torch.optim import Optimizer
 
 from hpc_btunet import distributed
 from hpc_btunet.errors import UserError
-from hpc_btunet.global_batchnorm import convert_global_batchnorm
+from hpc_btunet.global_batchnorm import (
+    apply_recorded_statistics,
+    convert_global_batchnorm,
+    convert_local_batchnorm,
+)
 from hpc_btunet.train.checkpoint import load_file, save_file
 
 ENGINES = ("ddp", "deepspeed")
+BN_SCOPES = ("global", "local")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ENGINE_STATE = "engine.pt"  # DDP: model, optimiser, scheduler, scaler; DeepSpeed: the scheduler
@@ -88,7 +100,9 @@ class EngineSpec:
     zero_stage: int = 0
     grad_clip: float = 0.0
     channels_last: bool = False
-    batch_size: int = 1  # per rank and step (DeepSpeed's micro-batch)
+    batch_size: int = 1  # per rank and micro-batch (DeepSpeed's micro-batch)
+    accumulate: int = 1  # micro-batches per optimiser step
+    bn_scope: str = "global"
     deepspeed_config: Path | None = None
     device: str = "auto"
     timeout_s: float = 600.0
@@ -108,6 +122,7 @@ class Engine:
         self.wrapped: nn.Module | None = None  # what prepare() returned
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
+        self.micro_steps = 0  # calls of step() since the start (or the resumed checkpoint)
 
     # --- process group -------------------------------------------------------------------------
 
@@ -157,8 +172,20 @@ class Engine:
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor) -> bool:
+        """Backward of ``loss``; on the last micro-batch of a step, the optimiser step too (then
+        True). The gradients of the micro-batches add up: each ``loss`` must be scaled for that
+        already (the gradient cache of :mod:`hpc_btunet.train.pretrain` hands over exact ones)."""
         raise NotImplementedError
+
+    def _boundary(self) -> bool:
+        """Count a micro-batch; True when it is the last of an optimiser step."""
+        self.micro_steps += 1
+        return self.micro_steps % self.spec.accumulate == 0
+
+    def _after_step(self) -> None:
+        if self._local_bn:
+            apply_recorded_statistics(self.module, self.spec.accumulate)
 
     def save(self, folder: Path) -> None:
         """Write this engine's share of a checkpoint into ``folder`` (called on every rank)."""
@@ -179,9 +206,15 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.wrapped.train(mode)
 
+    @property
+    def _local_bn(self) -> bool:
+        return self.spec.bn_scope == "local" and self.world_size > 1
+
     def _convert_batchnorm(self, module: nn.Module) -> nn.Module:
         if self.world_size == 1:
             return module
+        if self._local_bn:
+            return convert_local_batchnorm(module)
         if self.device.type == "cuda":
             return nn.SyncBatchNorm.convert_sync_batchnorm(module)
         return convert_global_batchnorm(module)
@@ -224,14 +257,18 @@ class DDPEngine(Engine):
         return torch.autocast(self.device.type, dtype=HALF[self.spec.precision])
 
     def step(self, loss):
+        boundary = self._boundary()
+        accumulating = not boundary and self.world_size > 1
+        with self.wrapped.no_sync() if accumulating else contextlib.nullcontext():
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if not boundary:
+            return False
         if self.scaler is None:
-            loss.backward()
             self._clip()
             self.optimizer.step()
             applied = True
         else:
             scale = self.scaler.get_scale()
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             self._clip()
             self.scaler.step(self.optimizer)
@@ -240,6 +277,8 @@ class DDPEngine(Engine):
         if applied and self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._after_step()
+        return True
 
     def _clip(self) -> None:
         if self.spec.grad_clip > 0:

@@ -244,12 +244,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     start = time.perf_counter()
     engine.train()
     while epoch < cfg.epochs and epoch - best["epoch"] <= cfg.patience:
-        train_loader.dataset.set_epoch(epoch)
-        batches = iter(train_loader) if done < per_epoch else iter(())
-        for i, batch in enumerate(batches):
-            if i < done:  # resuming mid-epoch: the epoch's order is deterministic
-                session.stop_if_preempted(save=False)
-                continue
+        # resuming mid-epoch: the epoch's order is fixed, the batches done are not read again
+        train_loader.dataset.set_epoch(epoch, start=done)
+        for i, batch in enumerate(train_loader, start=done):
             x = engine.inputs(batch["image"].float() / 255)
             with engine.autocast():
                 heads = net(x)

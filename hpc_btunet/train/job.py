@@ -41,7 +41,12 @@ class JobConfig:
     )
     base_width: int = option(16, "channels of the model's first stage", min=1)
     depth: int = option(4, "encoder stages (downsamplings)", min=1)
-    num_workers: int = option(0, "DataLoader worker processes per rank", min=0)
+    num_workers: int = option(
+        0,
+        "DataLoader worker processes per rank (the data order does not depend on it)",
+        min=0,
+        identity=False,
+    )
     seed: int = option(0, "seed of the weights, data order and augmentations")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", identity=False)
     wandb: str = option(
@@ -84,6 +89,11 @@ class JobConfig:
     # the file whose existence makes the run complete, and the largest world size the job takes
     result_name: ClassVar[str] = ""
     max_world_size: ClassVar[int | None] = None
+    # options that only say how the batch is laid out over ranks; the identity holds what they
+    # amount to instead (:meth:`batch_identity`), so a run resumes on another world size
+    layout_options: ClassVar[tuple[str, ...]] = ()
+    # a sentence added to the refusal when this top-level identity key differs
+    identity_hints: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -108,6 +118,8 @@ class JobConfig:
             grad_clip=self.grad_clip,
             channels_last=self.channels_last,
             batch_size=self.batch_size,
+            accumulate=getattr(self, "accumulate", 1),
+            bn_scope=getattr(self, "bn_scope", "global"),
             deepspeed_config=self.deepspeed_config,
             device=self.device,
             timeout_s=getattr(self, "dist_timeout", 600.0),
@@ -123,9 +135,14 @@ class JobConfig:
         return {"base_width": self.base_width, "depth": self.depth}
 
     def identity(self, world_size: int) -> dict:
-        """What the result depends on: options, dataset and inputs by content, world size."""
+        """What the result depends on: options, dataset and inputs by content, and how the
+        batch is laid out (:meth:`batch_identity`)."""
         values = to_dict(self)
-        options = {f.name: values[f.name] for f in fields(self) if f.metadata.get("identity", True)}
+        options = {
+            f.name: values[f.name]
+            for f in fields(self)
+            if f.metadata.get("identity", True) and f.name not in self.layout_options
+        }
         engine_files = {}
         if self.deepspeed_config is not None:
             path = Path(self.deepspeed_config)
@@ -135,8 +152,12 @@ class JobConfig:
             "dataset_manifest_sha256": self._manifest_sha256(),
             **self.input_identity(),
             **engine_files,
-            "world_size": world_size,
+            **self.batch_identity(world_size),
         }
+
+    def batch_identity(self, world_size: int) -> dict:
+        """What the batch layout amounts to (a job whose result depends on it overrides)."""
+        return {"world_size": world_size}
 
     def check_run_folder(self, world_size: int) -> bool:
         """Before submission: is the run complete (to skip it)? Refuses a run folder that a live
@@ -150,7 +171,7 @@ class JobConfig:
         complete = self.result_file().exists()
         identity = self.identity(world_size)
         rundir = RunDir(self.run_dir())
-        rundir.check(identity, complete, self.force_resume, "run folder")
+        rundir.check(identity, complete, self.force_resume, "run folder", self.identity_hints)
         last = None if complete else latest_checkpoint(rundir.checkpoints)
         if last is not None:  # what even --force-resume cannot continue
             check_resumable(last, self.engine, world_size, self.zero_stage)

@@ -3,8 +3,23 @@
 ``run(cfg)`` reads top to bottom: data, model, wrap for DDP, resume from the last checkpoint,
 train, write ``encoder.pt``. It runs the same in-process, as local processes or as a SLURM job;
 its output folder ``<out>/pretrain/<model>/`` is its identity (complete: skipped; checkpointed:
-resumed). The loss uses global-batch statistics, so W ranks with per-rank batch B train exactly
-like one process with batch W*B.
+resumed).
+
+The same run on any hardware. The global batch is G = world size W x ``--accumulate`` K x
+``--batch-size`` B, made of W*K slices of B images: at micro-batch k, rank r takes slice k*W + r
+(the loader's global batches of W*B, K of them per step). Which images form global batch s (the
+loader's global order), their two views (seeded by their place in the global batch) and the loss
+(over all G embeddings) do not depend on how G is split; BatchNorm sees slice k*W + r (local
+scope) or the W slices of micro-batch k (global scope), the same images whatever W. So runs with
+the same G and BatchNorm batch follow the same trajectory: W ranks x B = one process x W*B (global
+scope), W ranks x B = one process x K=W micro-batches of B (local scope). The identity of a run
+holds G and the BatchNorm batch instead of the world size, so a checkpoint resumes on another
+number of ranks that keeps them.
+
+``--accumulate K`` is exact (the gradient cache): every micro-batch is embedded once without
+gradient, the loss and its gradient with respect to the G embeddings are computed on the whole
+batch, then each micro-batch is embedded again with gradient and the cached embedding gradient is
+back-propagated; memory stays that of one micro-batch, at the cost of one more forward pass.
 """
 
 from __future__ import annotations
@@ -20,9 +35,11 @@ from torch import nn
 from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import load_manifest, make_loader
 from hpc_btunet.errors import UserError
+from hpc_btunet.global_batchnorm import frozen_statistics
 from hpc_btunet.models import build_model, check_input_size, model_signature
 from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
 from hpc_btunet.train.checkpoint import latest_checkpoint, save_weights
+from hpc_btunet.train.engine import BN_SCOPES, Engine
 from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import JobConfig
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
@@ -42,7 +59,21 @@ class PretrainConfig(JobConfig):
     )
     steps: int | None = option(None, "optimiser steps in total (overrides --epochs)", min=1)
     batch_size: int = option(
-        32, "images per rank and step; the global batch is this x world size", min=1
+        32,
+        "images per rank and micro-batch; the global batch is this x --accumulate x world size",
+        min=1,
+    )
+    accumulate: int = option(
+        1,
+        "micro-batches per optimiser step, the loss and its gradient exact over all of them "
+        "(gradient cache): a large global batch on few GPUs, at one more forward pass",
+        min=1,
+    )
+    bn_scope: str = option(
+        "global",
+        "BatchNorm statistics over: global (every rank's micro-batch together) or local (each "
+        "rank's micro-batch alone); running statistics always count every sample once",
+        choices=BN_SCOPES,
     )
     lr: float = option(1e-3, "learning rate (LARS: per 256 images of global batch)", above=0)
     optimizer: str = option("adam", "optimiser", choices=OPTIMIZERS)
@@ -74,6 +105,12 @@ class PretrainConfig(JobConfig):
     )
 
     result_name: ClassVar[str] = "encoder.pt"
+    layout_options: ClassVar[tuple[str, ...]] = ("batch_size", "accumulate", "bn_scope")
+    identity_hints: ClassVar[dict[str, str]] = {
+        "batch": "the global batch is --batch-size x --accumulate x world size, and BatchNorm "
+        "sees --batch-size (x world size with --bn-scope global): keep both to resume on "
+        "another number of ranks, e.g. --batch-size 2x with half the ranks"
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,19 +126,47 @@ class PretrainConfig(JobConfig):
     def run_dir(self) -> Path:
         return Path(self.out) / "pretrain" / self.model
 
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * self.accumulate * world_size
+
+    def bn_batch(self, world_size: int) -> int:
+        """The samples each BatchNorm statistic is computed over."""
+        return self.batch_size * (world_size if self.bn_scope == "global" else 1)
+
+    def batch_identity(self, world_size: int) -> dict:
+        return {
+            "batch": {
+                "global": self.global_batch(world_size),
+                "batchnorm": self.bn_batch(world_size),
+            }
+        }
+
+    def describe_batch(self, world_size: int) -> str:
+        accumulate = f" x {self.accumulate} micro-batches" if self.accumulate > 1 else ""
+        return (
+            f"{world_size} rank(s){accumulate} x batch {self.batch_size} = global batch "
+            f"{self.global_batch(world_size)}, BatchNorm over {self.bn_batch(world_size)} "
+            f"({self.bn_scope})"
+        )
+
     def check_inputs(self, manifest, world_size: int) -> None:
-        global_batch = self.batch_size * world_size
+        global_batch = self.global_batch(world_size)
+        layout = self.describe_batch(world_size)
         if global_batch < MIN_GLOBAL_BATCH:
             raise UserError(
-                f"--batch-size {self.batch_size} x {world_size} rank(s) is a global batch of "
-                f"{global_batch}: Barlow Twins normalises over the batch and needs at least "
-                f"{MIN_GLOBAL_BATCH} images; raise --batch-size"
+                f"a global batch of {global_batch} ({layout}): Barlow Twins normalises over the "
+                f"batch and needs at least {MIN_GLOBAL_BATCH} images; raise --batch-size"
+            )
+        if self.bn_batch(world_size) < 2:
+            raise UserError(
+                f"BatchNorm over 1 image ({layout}) cannot normalise: raise --batch-size"
+                + (" or use --bn-scope global" if world_size > 1 else "")
             )
         if manifest.counts["train"] < global_batch:
             raise UserError(
                 f"the train split of {self.data} holds {manifest.counts['train']} images, fewer "
-                f"than one global batch ({world_size} rank(s) x --batch-size {self.batch_size} = "
-                f"{global_batch}): lower --batch-size or use fewer ranks"
+                f"than one global batch ({layout}): lower --batch-size or --accumulate, or use "
+                "fewer ranks"
             )
 
 
@@ -114,6 +179,78 @@ class SiameseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x)[-1])
+
+
+class TwinStep:
+    """One optimiser step of Barlow Twins on this rank's share of a global batch:
+    ``twin_step(micro_batches, step) -> (loss, z_a, z_b)`` (``micro_batches``: the rank's K
+    uint8 batches of step ``step``; the embeddings are detached).
+
+    With one micro-batch: views, forward, the loss over the global batch, ``engine.step``. With
+    K > 1, the gradient cache (module docstring): BatchNorm running statistics are frozen during
+    the first pass, so each sample updates them once.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        net: nn.Module,
+        loss_fn: BarlowTwinsLoss,
+        views: TwoViews,
+        *,
+        seed: int,
+        global_batch: int,
+        checkpoints: Path | None = None,
+    ) -> None:
+        self.engine, self.net, self.loss_fn, self.views = engine, net, loss_fn, views
+        self.seed, self.global_batch = seed, global_batch
+        self.checkpoints = checkpoints
+
+    def _embed(self, images: torch.Tensor, step: int, k: int) -> tuple:
+        """Both views of this rank's micro-batch ``k`` (``B`` images), embedded. Micro-batch
+        ``k`` of rank ``r`` is slice ``k * W + r`` of the global batch (module docstring)."""
+        e = self.engine
+        x = images.to(e.device, non_blocking=True)
+        offset = (k * e.world_size + e.rank) * x.shape[0]  # its place in the global batch
+        view_a, view_b = self.views(
+            x, seed=self.seed, step=step, offset=offset, total=self.global_batch
+        )
+        with e.autocast():
+            return self.net(e.inputs(view_a)), self.net(e.inputs(view_b))
+
+    def _check(self, loss: torch.Tensor, step: int) -> None:
+        if not self.engine.all_finite(loss.detach()):
+            good = None if self.checkpoints is None else latest_checkpoint(self.checkpoints)
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {step}: training stopped; the last good "
+                f"checkpoint is {good or 'none (no checkpoint was written yet)'}; lower --lr or "
+                "check the data"
+            )
+
+    def __call__(self, micro_batches: list[torch.Tensor], step: int) -> tuple:
+        if len(micro_batches) == 1:
+            z_a, z_b = self._embed(micro_batches[0], step, 0)
+            loss = self.loss_fn(z_a, z_b)
+            self._check(loss, step)
+            self.engine.step(loss)
+            return loss.detach(), z_a.detach(), z_b.detach()
+        with torch.no_grad(), frozen_statistics(self.engine.module):
+            parts = [self._embed(x, step, k) for k, x in enumerate(micro_batches)]
+        z_a = torch.cat([a for a, _ in parts]).float().requires_grad_()
+        z_b = torch.cat([b for _, b in parts]).float().requires_grad_()
+        loss = self.loss_fn(z_a, z_b)  # row order does not matter to the loss
+        self._check(loss, step)
+        grad_a, grad_b = torch.autograd.grad(loss, [z_a, z_b])
+        start = 0
+        for k, x in enumerate(micro_batches):
+            rows = slice(start, start + x.shape[0])
+            start = rows.stop
+            part_a, part_b = self._embed(x, step, k)
+            # d(surrogate)/d(parameters) = sum over the micro-batch's embeddings of
+            # dL/dz * dz/d(parameters): the exact gradient of the whole batch's loss
+            surrogate = (part_a.float() * grad_a[rows]).sum()
+            self.engine.step(surrogate + (part_b.float() * grad_b[rows]).sum())
+        return loss.detach(), z_a.detach(), z_b.detach()
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -145,6 +282,7 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     )
     siamese = SiameseNet(model.encoder, projector)
 
+    # the loader's global batches are micro-batch steps: K of them make an optimiser step
     loader = make_loader(
         cfg.data,
         "train",
@@ -157,61 +295,68 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
         manifest=manifest,
         pin_memory=engine.device.type == "cuda",
     )
-    per_epoch = len(loader)
+    per_epoch = len(loader) // cfg.accumulate
     total = cfg.steps or cfg.epochs * per_epoch
-    global_batch = cfg.batch_size * engine.world_size
+    global_batch = cfg.global_batch(engine.world_size)
     optimizer = build_optimizer(cfg.optimizer, siamese, cfg.lr, cfg.weight_decay, global_batch)
     scheduler = warmup_cosine(optimizer, total, cfg.warmup_steps)
     net = engine.prepare(siamese, optimizer, scheduler)
-    loss_fn = BarlowTwinsLoss(lambd=cfg.lambd)
-    make_views = TwoViews(
-        ViewConfig(crop_scale=(cfg.crop_scale, 1.0), rotation_degrees=cfg.rotation)
+    twin_step = TwinStep(
+        engine,
+        net,
+        BarlowTwinsLoss(lambd=cfg.lambd),
+        TwoViews(ViewConfig(crop_scale=(cfg.crop_scale, 1.0), rotation_degrees=cfg.rotation)),
+        seed=cfg.seed,
+        global_batch=global_batch,
+        checkpoints=session.rundir.checkpoints,
     )
 
     step, last_loss = 0, float("nan")
     if (state := session.resume()) is not None:
         step, last_loss = state["step"], state["loss"]
         session.log(f"resuming from {session.last} (step {step} of {total})")
-    config = to_dict(cfg) | {"global_batch": global_batch}
-    tracker = session.start(
-        config | {"total_steps": total}, step, config | {"world_size": engine.world_size}
-    )
+        if state.get("global_batch", global_batch) != global_batch:  # only with --force-resume
+            session.log(
+                f"the global batch changes from {state['global_batch']} to {global_batch} "
+                "(--force-resume): the run no longer follows its uninterrupted trajectory"
+            )
+    layout = {
+        "world_size": engine.world_size,
+        "global_batch": global_batch,
+        "batchnorm_batch": cfg.bn_batch(engine.world_size),
+    }
+    config = to_dict(cfg) | layout
+    tracker = session.start(config | {"total_steps": total}, step, config)
     session.log(
-        f"{cfg.model} on {manifest.counts['train']} images, {engine.world_size} rank(s) x "
-        f"batch {cfg.batch_size} = global batch {global_batch}, {per_epoch} steps/epoch, "
-        f"{total} steps, device {engine.device}, engine {engine.kind} ({cfg.precision})"
+        f"{cfg.model} on {manifest.counts['train']} images, {cfg.describe_batch(engine.world_size)}"
+        f", {per_epoch} steps/epoch, {total} steps, device {engine.device}, engine {engine.kind} "
+        f"({cfg.precision})"
     )
-    session.watch(lambda: (step, {"step": step, "epoch": step // per_epoch, "loss": last_loss}))
+
+    def progress() -> tuple[int, dict]:
+        state = {"step": step, "epoch": step // per_epoch, "loss": last_loss}
+        return step, state | {"global_batch": global_batch}
+
+    session.watch(progress)
 
     engine.train()
     tick, images = time.perf_counter(), 0
     while step < total:
         epoch, skip = divmod(step, per_epoch)
-        loader.dataset.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i < skip:  # resuming mid-epoch: the epoch's order is deterministic
-                session.stop_if_preempted(save=False)
+        # resuming mid-epoch: the order is fixed
+        loader.dataset.set_epoch(epoch, start=skip * cfg.accumulate)
+        micro_batches = []
+        for batch in loader:
+            micro_batches.append(batch["image"])
+            if len(micro_batches) < cfg.accumulate:
                 continue
-            x = batch["image"].to(engine.device, non_blocking=True)
-            view_a, view_b = make_views(x, seed=cfg.seed, step=step, rank=engine.rank)
-            with engine.autocast():
-                z_a, z_b = net(engine.inputs(view_a)), net(engine.inputs(view_b))
-            loss = loss_fn(z_a, z_b)
-            if not engine.all_finite(loss.detach()):
-                good = latest_checkpoint(session.rundir.checkpoints)
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {step}: training stopped; the last good "
-                    f"checkpoint is {good or 'none (no checkpoint was written yet)'}; lower --lr or "
-                    "check the data"
-                )
-            engine.step(loss)
+            loss, z_a, z_b = twin_step(micro_batches, step)
+            micro_batches = []
             step, last_loss = step + 1, loss.item()
             images += global_batch
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - tick
-                stats = cross_correlation_stats(
-                    z_a.detach(), z_b.detach(), gather=engine.world_size > 1
-                )
+                stats = cross_correlation_stats(z_a, z_b, gather=engine.world_size > 1)
                 record = {
                     "epoch": epoch,
                     "loss": last_loss,

@@ -88,10 +88,18 @@ class RunDir:
             ) from None
         return data if isinstance(data, dict) else {}
 
-    def check(self, identity: dict, complete: bool, force: bool, what: str) -> None:
+    def check(
+        self,
+        identity: dict,
+        complete: bool,
+        force: bool,
+        what: str,
+        hints: dict[str, str] | None = None,
+    ) -> None:
         """Refuse to skip or resume this folder when ``identity`` differs from the recorded one.
 
-        Raises ``UserError`` listing the differing options and the way out."""
+        Raises ``UserError`` listing the differing options and the way out; ``hints`` add a
+        sentence when a given top-level identity key differs."""
         started = complete or any(self.checkpoints.glob("step-*"))
         if not started:
             return
@@ -104,6 +112,10 @@ class RunDir:
         if not diff:
             return
         listed = "; ".join(diff)
+        recorded_keys = recorded if isinstance(recorded, dict) else {}
+        for key, hint in (hints or {}).items():
+            if recorded_keys.get(key) != identity.get(key):
+                listed += f" ({hint})"
         if complete:
             raise UserError(
                 f"{what} {self.path} is complete but was run with other options ({listed}): "
@@ -129,15 +141,24 @@ class RunDir:
             self._lock.release()
             self._lock = None
 
-    def write_config(self, config: dict[str, Any], identity: dict, manifest_sha256: str) -> None:
-        """Record the resolved config and identity; a forced resume keeps the earlier identities
-        in ``history``."""
+    def write_config(
+        self, config: dict[str, Any], identity: dict, manifest_sha256: str, step: int = 0
+    ) -> None:
+        """Record the resolved config and identity. A resume with another identity (forced) or
+        another config (another world size, more workers, ...) keeps what changed in
+        ``history``, with the step it held until."""
         if not self.is_main:
             return
         earlier = self.recorded() or {}
         history = list(earlier.get("history") or [])
+        until = {"until_step": step, "until": time.strftime("%FT%T%z")}
         if earlier.get("identity") not in (None, identity):
-            history.append({"identity": earlier["identity"], "until": time.strftime("%FT%T%z")})
+            history.append({"identity": earlier["identity"], **until})
+        old_config = earlier.get("config")
+        if isinstance(old_config, dict) and old_config != config:
+            changed = {k: old_config.get(k) for k in old_config.keys() | config.keys()}
+            changed = {k: v for k, v in changed.items() if v != config.get(k)}
+            history.append({"config": dict(sorted(changed.items())), **until})
         provenance = {
             "package_version": __version__,
             "git_revision": git_revision(),
@@ -175,14 +196,20 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
 
-def open_run(rundir: RunDir, identity: dict, result: Path, force: bool) -> tuple[bool, Path | None]:
+def open_run(
+    rundir: RunDir,
+    identity: dict,
+    result: Path,
+    force: bool,
+    hints: dict[str, str] | None = None,
+) -> tuple[bool, Path | None]:
     """A job's start, on every rank: rank 0 becomes the folder's writer, checks the identity and
     finds the newest intact checkpoint; every rank gets (complete, checkpoint) or the error."""
 
     def decide() -> tuple[bool, str | None]:
         rundir.acquire("run folder")
         complete = result.exists()
-        rundir.check(identity, complete, force, "run folder")
+        rundir.check(identity, complete, force, "run folder", hints)
         last = None if complete else latest_intact_checkpoint(rundir.checkpoints)
         return complete, None if last is None else str(last)
 
@@ -192,8 +219,10 @@ def open_run(rundir: RunDir, identity: dict, result: Path, force: bool) -> tuple
 
 def record_start(rundir: RunDir, config: dict, identity: dict, data: Path, step: int) -> None:
     """After :func:`open_run`: a new run records its config and starts an empty log; a resumed
-    one drops log lines past its checkpoint, and records its config again only when it was
-    forced to continue with another identity (the earlier one goes to ``history``)."""
-    if step == 0 or (rundir.recorded() or {}).get("identity") != identity:
-        rundir.write_config(config, identity, sha256_file(Path(data) / MANIFEST_NAME))
+    one drops log lines past its checkpoint, and records its config again when it changed (on
+    another world size, say) or it was forced to continue with another identity (what was
+    recorded before goes to ``history``)."""
+    recorded = rundir.recorded() or {}
+    if step == 0 or recorded.get("identity") != identity or recorded.get("config") != config:
+        rundir.write_config(config, identity, sha256_file(Path(data) / MANIFEST_NAME), step)
     rundir.truncate_log(step)

@@ -56,7 +56,11 @@ class Session:
     def open(self) -> bool:
         """Become the run folder's writer and check it; True when the run is complete."""
         complete, self.last = open_run(
-            self.rundir, self.identity, self.cfg.result_file(), self.cfg.force_resume
+            self.rundir,
+            self.identity,
+            self.cfg.result_file(),
+            self.cfg.force_resume,
+            self.cfg.identity_hints,
         )
         if self.last is not None:
             mine = self.engine.meta()
@@ -151,8 +155,9 @@ class Session:
 
 def check_resumable(last: Path, engine: str, world_size: int, zero_stage: int | None) -> None:
     """Refuse (even with --force-resume) a checkpoint this engine cannot read: one written by
-    the other engine, or by DeepSpeed with another world size or ZeRO stage (its partitions
-    cannot be re-split)."""
+    the other engine, by DeepSpeed with another ZeRO stage, or with ZeRO 1/2 partitions on
+    another world size (DeepSpeed cannot re-split them). DDP and ZeRO 0 checkpoints hold the
+    whole state and resume on any world size."""
     meta = checkpoint.read_marker(last)
     if meta.get("engine") != engine:
         raise UserError(
@@ -162,16 +167,20 @@ def check_resumable(last: Path, engine: str, world_size: int, zero_stage: int | 
         )
     if engine != "deepspeed":
         return
-    changed = [
-        f"{key} {meta.get(key)} (checkpoint) vs {value} (now)"
-        for key, value in (("world_size", world_size), ("zero_stage", zero_stage))
-        if meta.get(key) != value
-    ]
+    changed = []
+    if meta.get("zero_stage") != zero_stage:
+        changed.append(f"zero_stage {meta.get('zero_stage')} (checkpoint) vs {zero_stage} (now)")
+    if meta.get("world_size") != world_size and not meta.get("elastic"):
+        changed.append(
+            f"world_size {meta.get('world_size')} (checkpoint; ZeRO {meta.get('zero_stage')} "
+            f"split the optimiser state over its ranks, which DeepSpeed cannot re-split) vs "
+            f"{world_size} (now)"
+        )
     if changed:
         raise UserError(
             f"checkpoint {last} cannot be resumed by DeepSpeed with another layout "
-            f"({'; '.join(changed)}): rerun with the same --nodes/--tasks-per-node and "
-            "--zero-stage, or choose another --out"
+            f"({'; '.join(changed)}): rerun with the checkpoint's --zero-stage and number of "
+            "ranks (ZeRO 0 and DDP checkpoints resume on any number), or choose another --out"
         )
 
 

@@ -61,7 +61,45 @@ __all__ = [
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class GlobalBatchNorm(_BatchNorm):
+class _AnyBatchNorm(_BatchNorm):
+    """``nn.BatchNorm`` for inputs of shape ``(N, C, *)``, also when DeepSpeed's bf16/fp16 cast
+    its parameters (not its buffers) to half precision: then in fp32 with fp32 copies."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+
+    def _plain_forward(self, input: Tensor) -> Tensor:
+        half_parameters = (
+            self.weight is not None
+            and self.running_mean is not None
+            and self.weight.dtype != self.running_mean.dtype
+        )
+        if half_parameters:
+            return self._fp32_parameters_forward(input)
+        return super().forward(input)
+
+    def _fp32_parameters_forward(self, x: Tensor) -> Tensor:
+        """``nn.BatchNorm``'s local computation when the parameters were cast to half precision
+        and the buffers were not (DeepSpeed's bf16/fp16): statistics, scale and shift in fp32."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight.to(self.running_mean.dtype),
+            None if self.bias is None else self.bias.to(self.running_mean.dtype),
+            self.training,
+            factor,
+            self.eps,
+        )
+
+
+class GlobalBatchNorm(_AnyBatchNorm):
     """``nn.BatchNorm`` whose training statistics span every rank of the default process group.
 
     Accepts inputs of shape ``(N, C, *)`` (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...);
@@ -69,20 +107,9 @@ class GlobalBatchNorm(_BatchNorm):
     ``nn.BatchNorm`` on the local input: every rank may run it alone.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
-
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or world_size() == 1:
-            half_parameters = (  # DeepSpeed's bf16/fp16 cast parameters, not buffers
-                self.weight is not None
-                and self.running_mean is not None
-                and self.weight.dtype != self.running_mean.dtype
-            )
-            if half_parameters:
-                return self._fp32_parameters_forward(input)
-            return super().forward(input)
+            return self._plain_forward(input)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
@@ -123,33 +150,15 @@ class GlobalBatchNorm(_BatchNorm):
             out = out + self.bias.view(stat_shape)
         return out.to(x.dtype)
 
-    def _fp32_parameters_forward(self, x: Tensor) -> Tensor:
-        """``nn.BatchNorm``'s local computation when the parameters were cast to half precision
-        and the buffers were not (DeepSpeed's bf16/fp16): statistics, scale and shift in fp32."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight.to(self.running_mean.dtype),
-            None if self.bias is None else self.bias.to(self.running_mean.dtype),
-            self.training,
-            factor,
-            self.eps,
-        )
-
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
-        # running_var receives the unbiased (Bessel-corrected) variance; no host sync to check the count: a global batch of one value per channel would give a
-        # NaN here where nn.BatchNorm raises, which needs every rank but one to hold no sample
+        # running_var receives the unbiased (Bessel-corrected) variance; no host sync to check
+        # the count: a global batch of one value per channel would give a NaN here where
+        # nn.BatchNorm raises, which needs every rank but one to hold no sample
         _update_running(self, mean, var * (count / (count - 1)).to(var.dtype))
 
 
-class LocalBatchNorm(_BatchNorm):
+class LocalBatchNorm(_AnyBatchNorm):
     """``nn.BatchNorm`` on the local batch whose running statistics are updated from every rank's
     batches, in global order, by :func:`apply_recorded_statistics` (see the module docstring).
 
@@ -159,26 +168,20 @@ class LocalBatchNorm(_BatchNorm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.records: list[Tensor] = []  # per training forward: mean, unbiased var, count
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected an input of shape (N, C, *), got {tuple(input.shape)}")
+        self.records: list[Tensor] = []  # per training forward: mean and unbiased variance
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or not self.track_running_stats:
-            return super().forward(input)
+            return self._plain_forward(input)
         self._check_input_dim(input)
         dtype = torch.float32 if self.running_mean is None else self.running_mean.dtype
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         out = F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
-        with torch.no_grad():
+        with torch.no_grad():  # F.batch_norm refused a batch of one value per channel
             dims = [0, *range(2, input.dim())]
-            count = input.numel() // input.shape[1]  # F.batch_norm refused a count of 1
             var, mean = torch.var_mean(input.to(dtype), dims, correction=1)
-            count_t = torch.tensor([float(count)], dtype=dtype, device=input.device)
-            self.records.append(torch.cat([mean, var, count_t]))
+            self.records.append(torch.cat([mean, var]))
         return out
 
 
@@ -225,7 +228,7 @@ def apply_recorded_statistics(module: nn.Module, micro_batches: int = 1) -> None
         dist.all_gather(gathered, local)
     offset = 0
     for m in layers:
-        width, count = 2 * m.num_features + 1, len(m.records)
+        width, count = 2 * m.num_features, len(m.records)
         if count % micro_batches:
             raise ValueError(f"{count} BatchNorm records do not split into {micro_batches} runs")
         per_micro = count // micro_batches
@@ -233,7 +236,7 @@ def apply_recorded_statistics(module: nn.Module, micro_batches: int = 1) -> None
             for rank_records in gathered:
                 for i in range(k * per_micro, (k + 1) * per_micro):
                     record = rank_records[offset + i * width : offset + (i + 1) * width]
-                    _update_running(m, record[: m.num_features], record[m.num_features : -1])
+                    _update_running(m, record[: m.num_features], record[m.num_features :])
         offset += count * width
         m.records.clear()
 

@@ -230,15 +230,19 @@ def test_rejects_inputs_without_a_channel_dim():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_half_precision_parameters_compute_in_fp32(training):
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_half_precision_parameters_compute_in_fp32(training, scope):
     """DeepSpeed's bf16 casts parameters, not buffers: the layer then normalises in fp32 with
     fp32 copies of its parameters, as a BatchNorm on the same (bf16-valued) data in fp32 does."""
+    from hpc_btunet.global_batchnorm import apply_recorded_statistics, convert_local_batchnorm
+
+    convert = convert_global_batchnorm if scope == "global" else convert_local_batchnorm
     torch.manual_seed(0)
     reference = nn.BatchNorm2d(3)
     with torch.no_grad():
         reference.weight.uniform_(0.5, 1.5)
         reference.bias.uniform_(-0.5, 0.5)
-    layer = convert_global_batchnorm(nn.BatchNorm2d(3))
+    layer = convert(nn.BatchNorm2d(3))
     layer.load_state_dict(reference.state_dict())
     layer.weight.data = layer.weight.data.bfloat16()  # what DeepSpeed's cast does
     layer.bias.data = layer.bias.data.bfloat16()
@@ -249,6 +253,7 @@ def test_half_precision_parameters_compute_in_fp32(training):
     layer.train(training)
     x = (torch.randn(4, 3, 5, 5) * 3 + 2).bfloat16()
     out = layer(x)
+    apply_recorded_statistics(layer)  # the engine's call at the step (local scope)
     assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
     want = reference(x.float())
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)  # bf16 output rounding

@@ -120,3 +120,16 @@ def test_resuming_mid_epoch_reads_no_batch_before_the_checkpoint(data, tmp_path,
     )
     pretrain.run(cfg)
     assert len(decoded) == 5 * 8, "steps 4-8 only: 2 batches of epoch 0, 3 of epoch 1"
+
+
+def test_accumulation_reads_only_the_batches_that_make_whole_steps(data, tmp_path, monkeypatch):
+    from hpc_btunet.data.loader import ShardStream
+
+    decoded = []
+    real = ShardStream._decode
+    monkeypatch.setattr(
+        ShardStream, "_decode", lambda self, *a: decoded.append(1) or real(self, *a)
+    )
+    # 42 images, micro-batches of 8: 5 per epoch, 2 steps of 2 micro-batches, 1 left over
+    pretrain.run(config(data, tmp_path, steps=4, accumulate=2))
+    assert len(decoded) == 4 * 2 * 8, "the leftover micro-batch of each epoch is not read"

@@ -376,6 +376,8 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
             if step >= total:
                 break
             session.stop_if_preempted(save=True)
+            if step % per_epoch == 0:  # the epoch's last loader batches do not make a whole step
+                break
 
     encoder_file = cfg.result_file()
     weights = engine.export()  # every rank: gathered from ZeRO partitions

@@ -68,6 +68,7 @@ class Tracker:
             dir=str(rundir.path),
             mode=mode,
             config=_public(config),
+            allow_val_change=True,  # a resume may change the config (another world size)
             settings=wandb.Settings(console="off", silent=True),
         )
 

@@ -108,8 +108,8 @@ class PretrainConfig(JobConfig):
     layout_options: ClassVar[tuple[str, ...]] = ("batch_size", "accumulate", "bn_scope")
     identity_hints: ClassVar[dict[str, str]] = {
         "batch": "the global batch is --batch-size x --accumulate x world size, and BatchNorm "
-        "sees --batch-size (x world size with --bn-scope global): keep both to resume on "
-        "another number of ranks, e.g. --batch-size 2x with half the ranks"
+        "sees --batch-size (x world size with --bn-scope global): to resume on another number "
+        "of ranks keep both, e.g. twice the --batch-size on half the ranks"
     }
 
     def __post_init__(self) -> None:

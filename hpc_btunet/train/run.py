@@ -113,18 +113,20 @@ class RunDir:
             return
         listed = "; ".join(diff)
         recorded_keys = recorded if isinstance(recorded, dict) else {}
-        for key, hint in (hints or {}).items():
-            if recorded_keys.get(key) != identity.get(key):
-                listed += f" ({hint})"
+        notes = "".join(
+            f". {hint[0].upper()}{hint[1:]}"
+            for key, hint in (hints or {}).items()
+            if recorded_keys.get(key) != identity.get(key)
+        )
         if complete:
             raise UserError(
                 f"{what} {self.path} is complete but was run with other options ({listed}): "
-                "choose another --out, or remove that folder to run it again"
+                f"choose another --out, or remove that folder to run it again{notes}"
             )
         if not force:
             raise UserError(
                 f"{what} {self.path} was started with other options ({listed}): choose another "
-                "--out, or pass --force-resume to continue it with the new ones"
+                f"--out, or pass --force-resume to continue it with the new ones{notes}"
             )
 
     # --- the writer's session -------------------------------------------------------------------

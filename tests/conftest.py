@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny in-memory source and a packed dataset built from it."""
+"""Shared fixtures: a tiny in-memory source and a packed dataset built from it; the command line
+run as a user runs it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +121,23 @@ def toy_pack(tmp_path):
 def _no_wandb_by_default(monkeypatch):
     """Jobs in tests log locally only, unless a test asks for wandb (it sets WANDB_MODE itself)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def submit_cli(
+    *args, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m hpc_btunet.submit ARGS``; with ``check``, it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The loss of every line of a run folder's ``metrics.jsonl``."""
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

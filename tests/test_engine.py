@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import logged_losses, submit_cli
 from multiproc import run_ranks
 from test_barlow_twins import _StandInEncoder  # the encoder contract, with BatchNorm
 from torch import nn
@@ -112,25 +113,10 @@ def test_deepspeed_gradients_equal_one_process_on_the_global_batch(stage):
         np.testing.assert_array_equal(results[1]["exported"][name][0], value, err_msg=name)
 
 
-def _cli(*args, check=True):
-    done = subprocess.run(
-        [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def _losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "data"
-    _cli("pack", "--num-images", 60, "--image-size", 32, "--shard-size", 15, "--out", out)
+    submit_cli("pack", "--num-images", 60, "--image-size", 32, "--shard-size", 15, "--out", out)
     return out
 
 
@@ -147,14 +133,14 @@ def test_deepspeed_zero_0_1_2_follow_ddp_on_two_ranks(data, tmp_path):
         "zero1": ["--engine", "deepspeed", "--zero-stage", 1],
         "zero2": ["--engine", "deepspeed", "--zero-stage", 2],
     }.items():
-        _cli(*common, *flags, "--out", tmp_path / name)
+        submit_cli(*common, *flags, "--out", tmp_path / name)
         runs[name] = tmp_path / name / "pretrain" / "unet"
-    want_losses = _losses(runs["ddp"])
+    want_losses = logged_losses(runs["ddp"])
     want = torch.load(runs["ddp"] / "encoder.pt", weights_only=True)
     assert len(want_losses) == 6
     for name in ("zero0", "zero1", "zero2"):
         # reduction order only (see the module docstring): 6 Adam steps keep it below 1e-4
-        assert _losses(runs[name]) == pytest.approx(want_losses, rel=1e-4), name
+        assert logged_losses(runs[name]) == pytest.approx(want_losses, rel=1e-4), name
         got = torch.load(runs[name] / "encoder.pt", weights_only=True)
         assert got.keys() == want.keys()
         for k, v in want.items():
@@ -214,7 +200,7 @@ def test_bf16_pretraining_on_cpu_computes_the_loss_in_fp32(
         "the embeddings come out of a bf16 forward pass"
     )
     assert all(out == torch.float32 for _, out in recorder.seen), "the loss is fp32"
-    losses = _losses(cfg.run_dir())
+    losses = logged_losses(cfg.run_dir())
     assert len(losses) == 3 and all(np.isfinite(losses))
     encoder = torch.load(path, weights_only=True)
     assert {v.dtype for v in encoder.values() if v.is_floating_point()} == {torch.float32}
@@ -263,8 +249,8 @@ def test_fp16_under_ddp_scales_the_loss_and_skips_overflowing_steps():
 def test_finetuning_reads_an_encoder_pretrained_under_deepspeed_bf16(data, tmp_path):
     common = ["--data", data, "--base-width", 4, "--depth", 2, "--wandb", "disabled"]
     common += ["--executor", "debug"]
-    _cli("pretrain", *common, "--steps", 2, "--batch-size", 8, "--out", tmp_path / "ddp")
-    _cli(
+    submit_cli("pretrain", *common, "--steps", 2, "--batch-size", 8, "--out", tmp_path / "ddp")
+    submit_cli(
         "pretrain",
         *common,
         "--steps",
@@ -284,7 +270,7 @@ def test_finetuning_reads_an_encoder_pretrained_under_deepspeed_bf16(data, tmp_p
     ds = torch.load(tmp_path / "ds/pretrain/unet/encoder.pt", weights_only=True)
     assert ds.keys() == ddp.keys()
     assert all(ds[k].dtype == ddp[k].dtype and ds[k].shape == ddp[k].shape for k in ddp)
-    done = _cli(
+    done = submit_cli(
         "finetune",
         *common,
         "--epochs",

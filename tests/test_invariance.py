@@ -17,12 +17,11 @@ fail them.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from conftest import logged_losses, submit_cli
 
 GLOBAL = 8
 STEPS = 5
@@ -30,22 +29,10 @@ COMMON = ["--base-width", "4", "--depth", "2", "--log-every", "1", "--wandb", "d
 COMMON += ["--warmup-steps", "2", "--checkpoint-every", "2"]
 
 
-def _cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("invariance") / "data"
-    _cli("pack", "--num-images", 60, "--image-size", 32, "--shard-size", 15, "--out", out)
+    submit_cli("pack", "--num-images", 60, "--image-size", 32, "--shard-size", 15, "--out", out)
     return out
 
 
@@ -53,7 +40,7 @@ def _pretrain(data, out, ranks: int, *flags, check: bool = True, steps: int = ST
     where = ["--executor", "debug"]
     if ranks > 1:
         where = ["--executor", "local", "--tasks-per-node", ranks, "--wait"]
-    return _cli(
+    return submit_cli(
         "pretrain",
         "--data",
         data,
@@ -65,6 +52,7 @@ def _pretrain(data, out, ranks: int, *flags, check: bool = True, steps: int = ST
         *where,
         *flags,
         check=check,
+        timeout=400,
     )
 
 
@@ -73,8 +61,7 @@ def _run(out):
 
 
 def _losses(out) -> list[float]:
-    lines = (_run(out) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return logged_losses(_run(out))
 
 
 def _assert_same_run(got, want, *, buffers: bool = True):

@@ -308,11 +308,7 @@ class DeepSpeedEngine(Engine):
         super().close()
 
     def meta(self):
-        # elastic: any number of ranks can load the state (not ZeRO 1/2's partitions)
-        return super().meta() | {
-            "zero_stage": self.spec.zero_stage,
-            "elastic": not self.spec.zero_stage,
-        }
+        return super().meta() | {"zero_stage": self.spec.zero_stage}
 
     def _convert_batchnorm(self, module):
         if self.spec.precision in HALF and not self._local_bn:  # half parameters, fp32 buffers
@@ -346,8 +342,7 @@ class DeepSpeedEngine(Engine):
         return x.to(HALF[self.spec.precision]) if self.spec.precision in HALF else x
 
     def step(self, loss):
-        self._boundary()
-        boundary = self.ds.is_gradient_accumulation_boundary()  # DeepSpeed counts the same way
+        boundary = self.ds.is_gradient_accumulation_boundary()  # DeepSpeed counts micro-batches
         self.ds.backward(loss, scale_wrt_gas=False)  # the job's micro-batch losses are exact
         self.ds.step()  # at the boundary: clips, unscales, steps and zeroes the gradients
         if not boundary:

@@ -122,7 +122,6 @@ class Engine:
         self.wrapped: nn.Module | None = None  # what prepare() returned
         self.optimizer: Optimizer | None = None
         self.scheduler: Any = None
-        self.micro_steps = 0  # calls of step() since the start (or the resumed checkpoint)
 
     # --- process group -------------------------------------------------------------------------
 
@@ -177,11 +176,6 @@ class Engine:
         True). The gradients of the micro-batches add up: each ``loss`` must be scaled for that
         already (the gradient cache of :mod:`hpc_btunet.train.pretrain` hands over exact ones)."""
         raise NotImplementedError
-
-    def _boundary(self) -> bool:
-        """Count a micro-batch; True when it is the last of an optimiser step."""
-        self.micro_steps += 1
-        return self.micro_steps % self.spec.accumulate == 0
 
     def _after_step(self) -> None:
         if self._local_bn:
@@ -245,6 +239,7 @@ class DDPEngine(Engine):
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if self.spec.precision == "fp16" else None
         )
+        self.micro_steps = 0  # step() calls since the start (checkpoints fall on step ends)
         self.wrapped = self.module
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -257,7 +252,8 @@ class DDPEngine(Engine):
         return torch.autocast(self.device.type, dtype=HALF[self.spec.precision])
 
     def step(self, loss):
-        boundary = self._boundary()
+        self.micro_steps += 1
+        boundary = self.micro_steps % self.spec.accumulate == 0
         accumulating = not boundary and self.world_size > 1
         with self.wrapped.no_sync() if accumulating else contextlib.nullcontext():
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()

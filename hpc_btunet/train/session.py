@@ -170,7 +170,7 @@ def check_resumable(last: Path, engine: str, world_size: int, zero_stage: int | 
     changed = []
     if meta.get("zero_stage") != zero_stage:
         changed.append(f"zero_stage {meta.get('zero_stage')} (checkpoint) vs {zero_stage} (now)")
-    if meta.get("world_size") != world_size and not meta.get("elastic"):
+    if meta.get("world_size") != world_size and meta.get("zero_stage"):  # ZeRO 0: whole state
         changed.append(
             f"world_size {meta.get('world_size')} (checkpoint; ZeRO {meta.get('zero_stage')} "
             f"split the optimiser state over its ranks, which DeepSpeed cannot re-split) vs "

@@ -8,6 +8,10 @@ pid, SLURM or local job id, start time) for the message a second writer gets.
 
 On file systems without ``flock`` (Lustre mounted ``noflock``) the lock cannot be taken; the
 writer goes on with a warning instead of failing, since refusing to run there would be worse.
+
+A writer that expects to take turns (the processes of a node staging one dataset) asks to wait:
+``acquire(wait_s=...)`` polls for the lock, so it never blocks for good, and gives up as a
+second writer does once ``wait_s`` has passed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from hpc_btunet.errors import UserError
 
 LOCK_NAME = ".lock"
+_POLL_S = 0.2  # how often a waiting writer asks again
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -49,14 +54,16 @@ class FolderLock:
     def path(self) -> Path:
         return self.folder / LOCK_NAME
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait_s: float = 0.0) -> FolderLock:
+        """Take the lock; while another process holds it, poll for up to ``wait_s`` seconds."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + wait_s
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FolderLocked(self._busy_message(holder(self.folder))) from None
+            while not _try_flock(fd):
+                if time.monotonic() >= deadline:
+                    raise FolderLocked(self._busy_message(holder(self.folder)))
+                time.sleep(_POLL_S)
         except OSError as e:
             if e.errno not in _UNSUPPORTED:
                 os.close(fd)
@@ -66,9 +73,13 @@ class FolderLock:
                 f"stops a second writer of this {self.what}",
                 file=sys.stderr,
             )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
+        except BaseException:  # refused, or interrupted while waiting
+            os.close(fd)
+            raise
         self._fd = fd
+        with contextlib.suppress(OSError):  # the line is for messages only (a full disk: none)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (_holder_line() + "\n").encode(), 0)
         return self
 
     def _busy_message(self, who: str | None) -> str:
@@ -89,6 +100,15 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _try_flock(fd: int) -> bool:
+    """Take ``fd``'s exclusive lock if free: True when taken, False while another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def holder(folder: str | os.PathLike) -> str | None:

@@ -47,15 +47,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hpc_btunet.distributed import all_reduce_sum, world_size
+from hpc_btunet.distributed import world_size
 
 __all__ = [
     "GlobalBatchNorm",
     "LocalBatchNorm",
     "apply_recorded_statistics",
+    "batch_groups",
     "convert_global_batchnorm",
     "convert_local_batchnorm",
     "frozen_statistics",
+    "groups_supported",
 ]
 
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -63,7 +65,19 @@ _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 class _AnyBatchNorm(_BatchNorm):
     """``nn.BatchNorm`` for inputs of shape ``(N, C, *)``, also when DeepSpeed's bf16/fp16 cast
-    its parameters (not its buffers) to half precision: then in fp32 with fp32 copies."""
+    its parameters (not its buffers) to half precision: then in fp32 with fp32 copies.
+
+    ``groups`` (set by :func:`batch_groups`, else 1): the input's rows are that many equal
+    blocks, each normalised with its own statistics, as if each were a forward of its own."""
+
+    groups: int = 1
+
+    def _grouped(self, forward, input: Tensor) -> Tensor:
+        """``forward`` block by block when the blocks' statistics must stay apart."""
+        if self.groups == 1 or (not self.training and self.running_mean is not None):
+            return forward(input)
+        blocks = _group_slices(input.shape[0], self.groups)
+        return torch.cat([forward(input[rows]) for rows in blocks])
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -99,16 +113,118 @@ class _AnyBatchNorm(_BatchNorm):
         )
 
 
+def _group_slices(rows: int, groups: int) -> list[slice]:
+    """The ``groups`` equal blocks of ``rows`` batch rows (the views of a one-pass forward)."""
+    if rows % groups:
+        raise ValueError(f"a batch of {rows} rows does not split into {groups} equal groups")
+    size = rows // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def _gathered(local: Tensor) -> Tensor:
+    """Every rank's ``local`` (float64), stacked in rank order: one all-gather (on gloo cheaper
+    than an all-reduce for a few numbers), and sums over it are the same bits on every rank."""
+    local = local.double().contiguous()
+    if world_size() == 1:
+        return local[None]
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.stack(parts)
+
+
+class _GlobalNorm(torch.autograd.Function):
+    """The training forward and backward of :class:`GlobalBatchNorm` for an input whose rows are
+    ``groups`` equal blocks normalised separately (``groups=1``: the plain layer). One collective
+    in each direction for all groups: forward, every rank's per-group count, mean and sum of
+    squared deviations (an exact merge, no E[x^2] - E[x]^2 cancellation); backward, the global
+    sums of the output gradient and of the gradient times the normalised input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, layer: GlobalBatchNorm, groups: int) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf, c = x.to(dtype), x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        slices = _group_slices(x.shape[0], groups)
+        local = torch.zeros(groups, 3, c, dtype=torch.float64, device=x.device)
+        for g, rows in enumerate(slices):
+            part = xf[rows]
+            if part.numel():  # a rank may hold no sample: it adds nothing
+                var, mean = torch.var_mean(part, dims, correction=0)
+                count = part.numel() // c
+                local[g, 0] = count
+                local[g, 1] = mean
+                local[g, 2] = var * count  # sum of squared deviations
+        # ranks x groups x (count, mean, M2) x C
+        counts, means, squares = _gathered(local).unbind(2)
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        var = (squares + counts * (means - mean).square()).sum(0) / total  # biased
+        if layer.track_running_stats:
+            with torch.no_grad():
+                for g in range(groups):  # group by group, as separate forwards would
+                    layer._update_running_stats(mean[g], var[g], total[g, 0])
+        mean, invstd = mean.to(dtype), torch.rsqrt(var + layer.eps).to(dtype)
+        w = None if weight is None else weight.to(dtype)
+        out = torch.empty_like(xf)
+        for g, rows in enumerate(slices):
+            scale = invstd[g] if w is None else invstd[g] * w
+            shift = -mean[g] * scale if bias is None else bias.to(dtype) - mean[g] * scale
+            out[rows] = xf[rows] * scale.view(shape) + shift.view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd, total[:, 0])
+        ctx.slices = slices
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        dtype = mean.dtype
+        dy, xf = grad.to(dtype), x.to(dtype)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        normed, local = [], []
+        for g, rows in enumerate(ctx.slices):
+            xhat = (xf[rows] - mean[g].view(shape)) * invstd[g].view(shape)
+            normed.append(xhat)
+            local.append(torch.stack([dy[rows].sum(dims), (dy[rows] * xhat).sum(dims)]))
+        local = torch.stack(local)  # groups x (sum dy, sum dy * xhat) x C
+        sums = _gathered(local).sum(0).to(dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if sums is not None:
+            grad_x = torch.empty_like(dy)
+            w = 1 if weight is None else weight.to(dtype).view(shape)
+            for g, rows in enumerate(ctx.slices):
+                n = total[g].to(dtype)
+                sum_dy, sum_dy_xhat = sums[g, 0].view(shape), sums[g, 1].view(shape)
+                grad_x[rows] = (dy[rows] - (sum_dy + normed[g] * sum_dy_xhat) / n) * (
+                    invstd[g].view(shape) * w
+                )
+            grad_x = grad_x.to(x.dtype)
+        # the parameters' gradients are this rank's share: DDP sums (averages) them over ranks
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = local[:, 1].sum(0).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = local[:, 0].sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class GlobalBatchNorm(_AnyBatchNorm):
     """``nn.BatchNorm`` whose training statistics span every rank of the default process group.
 
     Accepts inputs of shape ``(N, C, *)`` (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...);
     the constructor arguments are those of ``nn.BatchNorm2d``. In eval mode it is exactly
-    ``nn.BatchNorm`` on the local input: every rank may run it alone.
+    ``nn.BatchNorm`` on the local input: every rank may run it alone. Inside
+    :func:`batch_groups` its input's rows are equal blocks normalised separately (the views of
+    a one-pass forward), with one collective for all of them.
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or world_size() == 1:
+        if not self.training:
+            return self._grouped(self._plain_forward, input)
+        if world_size() == 1 and self.groups == 1:
             return self._plain_forward(input)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
@@ -116,46 +232,14 @@ class GlobalBatchNorm(_AnyBatchNorm):
                 f"expected {self.num_features} channels (dim 1), got input of shape "
                 f"{tuple(input.shape)}"
             )
-        return self._global_forward(input)
-
-    def _global_forward(self, x: Tensor) -> Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dtype)
-        dims = [0, *range(2, x.dim())]
-        stat_shape = (1, -1) + (1,) * (x.dim() - 2)
-
-        # one collective for the per-channel sums and the count; float64 keeps the count exact
-        # (float32 is exact only up to 2**24 values per channel) and costs nothing at C numbers
-        local = torch.cat(
-            [
-                xf.sum(dims).double(),
-                torch.tensor(
-                    [x.numel() // self.num_features], dtype=torch.float64, device=x.device
-                ),
-            ]
-        )
-        totals = all_reduce_sum(local)
-        count = totals[-1].detach()
-        mean = (totals[:-1] / count).to(dtype)
-        centred = xf - mean.view(stat_shape)
-        var = all_reduce_sum(centred.square().sum(dims)) / count.to(dtype)  # biased
-
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count)
-
-        out = centred * torch.rsqrt(var + self.eps).view(stat_shape)
-        if self.weight is not None:
-            out = out * self.weight.view(stat_shape)
-        if self.bias is not None:  # recent torch allows affine=True with bias=False
-            out = out + self.bias.view(stat_shape)
-        return out.to(x.dtype)
+        return _GlobalNorm.apply(input, self.weight, self.bias, self, self.groups)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
         # running_var receives the unbiased (Bessel-corrected) variance; no host sync to check
         # the count: a global batch of one value per channel would give a NaN here where
         # nn.BatchNorm raises, which needs every rank but one to hold no sample
-        _update_running(self, mean, var * (count / (count - 1)).to(var.dtype))
+        _update_running(self, mean, var * (count / (count - 1)))
 
 
 class LocalBatchNorm(_AnyBatchNorm):
@@ -172,8 +256,11 @@ class LocalBatchNorm(_AnyBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or not self.track_running_stats:
-            return self._plain_forward(input)
+            return self._grouped(self._plain_forward, input)
         self._check_input_dim(input)
+        return self._grouped(self._local_forward, input)
+
+    def _local_forward(self, input: Tensor) -> Tensor:
         dtype = torch.float32 if self.running_mean is None else self.running_mean.dtype
         weight = None if self.weight is None else self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -183,6 +270,30 @@ class LocalBatchNorm(_AnyBatchNorm):
             var, mean = torch.var_mean(input.to(dtype), dims, correction=1)
             self.records.append(torch.cat([mean, var]))
         return out
+
+
+@contextlib.contextmanager
+def batch_groups(module: nn.Module, groups: int) -> Iterator[None]:
+    """Forwards of ``module`` inside this block take inputs made of ``groups`` equal blocks of
+    rows (two views of one batch, concatenated) that every BatchNorm normalises separately, as
+    if each block were a forward of its own. Raises ``ValueError`` when ``module`` has a
+    BatchNorm that cannot (``nn.BatchNorm``, ``nn.SyncBatchNorm``): see :func:`groups_supported`."""
+    if not groups_supported(module):
+        raise ValueError("batch_groups needs every BatchNorm of the module to be one of ours")
+    layers = [m for m in module.modules() if isinstance(m, _AnyBatchNorm)]
+    for m in layers:
+        m.groups = groups
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.groups = 1
+
+
+def groups_supported(module: nn.Module) -> bool:
+    """Whether every BatchNorm in ``module`` can normalise blocks of rows separately
+    (:func:`batch_groups`): true for ours, and for a module without BatchNorm."""
+    return all(isinstance(m, _AnyBatchNorm) for m in module.modules() if isinstance(m, _BatchNorm))
 
 
 @contextlib.contextmanager

@@ -117,6 +117,29 @@ def toy_pack(tmp_path):
     return _pack
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """``make(name, size=..., read_only=...)`` mounts a tmpfs of that size at ``tmp_path/name``
+    (root only; skipped where mounting is not allowed) and unmounts it afterwards."""
+    mounts = []
+
+    def make(name: str, size: str = "64k", read_only: bool = False) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here (needs root): {done.stderr!r}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 @pytest.fixture(autouse=True)
 def _no_wandb_by_default(monkeypatch):
     """Jobs in tests log locally only, unless a test asks for wandb (it sets WANDB_MODE itself)."""

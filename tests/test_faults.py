@@ -388,29 +388,6 @@ def test_dead_rank_ends_a_two_rank_job_quickly(data, tmp_path, death):
         assert "killed" in err
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """``make(size=..., read_only=...)`` mounts a tmpfs of that size (root only; skipped where
-    mounting is not allowed) and unmounts it afterwards."""
-    mounts = []
-
-    def make(name: str, size: str = "64k", read_only: bool = False) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        opts = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small file system here (needs root): {done.stderr!r}")
-        mounts.append(where)
-        return where
-
-    yield make
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 @pytest.mark.timeout(300)
 def test_pack_onto_a_full_disk(small_disk):
     full = small_disk("full", size="64k")

@@ -346,3 +346,134 @@ def test_local_batchnorm_refuses_a_batch_of_one():
 
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         LocalBatchNorm(3)(torch.randn(1, 3))
+
+
+# --- groups: both views in one forward, statistics apart, one collective per layer -------------
+
+
+def _grouped_inputs() -> dict[str, torch.Tensor]:
+    """A global batch of 6 images per view (3 per rank) and the upstream gradients."""
+    g = torch.Generator().manual_seed(5)
+    return {
+        "a": torch.randn(6, 3, 4, 4, generator=g) * 3 + 50,
+        "b": torch.randn(6, 3, 4, 4, generator=g) * 0.5 - 2,  # other statistics than view a
+        "up_a": torch.randn(6, 3, 4, 4, generator=g),
+        "up_b": torch.randn(6, 3, 4, 4, generator=g),
+    }
+
+
+def _grouped_layer(cls) -> nn.Module:
+    torch.manual_seed(0)
+    bn = cls(3, momentum=0.2)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def _grouped_run(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, up_a, up_b) -> dict:
+    """Both views as one input of two blocks, in training mode; then the records applied."""
+    from hpc_btunet.global_batchnorm import apply_recorded_statistics, batch_groups
+
+    x = torch.cat([a, b]).requires_grad_()
+    calls = []
+    real = torch.distributed.all_gather
+
+    def counted(parts, tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return real(parts, tensor, *args, **kwargs)
+
+    torch.distributed.all_gather = counted
+    try:
+        with batch_groups(bn, 2):
+            y = bn(x)
+        (y * torch.cat([up_a, up_b])).sum().backward()
+    finally:
+        torch.distributed.all_gather = real
+    apply_recorded_statistics(bn)
+    out = {
+        "y": y.detach(),
+        "x_grad": x.grad,
+        "weight_grad": bn.weight.grad,
+        "bias_grad": bn.bias.grad,
+        **{k: v.clone() for k, v in bn.state_dict().items()},
+    }
+    return {k: v.numpy() for k, v in out.items()} | {"collective_bytes": calls}
+
+
+def _grouped_reference(inputs: dict, scope: str, world: int) -> dict:
+    """Separate forwards of nn.BatchNorm2d: view a, then view b, over the global batch of each
+    view (global scope), or for each rank's slice in rank order (local scope: the order in
+    which apply_recorded_statistics applies the records)."""
+    bn = _grouped_layer(nn.BatchNorm2d)
+    rows = 6 // world
+    slices = [slice(r * rows, (r + 1) * rows) for r in range(world)]
+    if scope == "global":
+        slices = [slice(0, 6)]
+    ys, grads = {}, {}
+    for s in slices:
+        for view in ("a", "b"):
+            x = inputs[view][s].clone().requires_grad_()
+            y = bn(x)
+            (y * inputs[f"up_{view}"][s]).sum().backward()
+            ys[view, s.start] = y.detach()
+            grads[view, s.start] = x.grad
+    return {"bn": bn, "y": ys, "x_grad": grads, "rows": rows}
+
+
+def _grouped_rank_fn(rank_: int, world: int, scope: str) -> dict:
+    from hpc_btunet.global_batchnorm import LocalBatchNorm
+
+    torch.set_num_threads(1)
+    inputs = _grouped_inputs()
+    rows = 6 // world
+    local = {k: v[rank_ * rows : (rank_ + 1) * rows] for k, v in inputs.items()}
+    bn = _grouped_layer(GlobalBatchNorm if scope == "global" else LocalBatchNorm)
+    return _grouped_run(bn, local["a"], local["b"], local["up_a"], local["up_b"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_both_views_in_one_forward_equal_two_forwards(scope, world):
+    """Rows of two views in one input, normalised apart: outputs, input gradients, running
+    statistics (view a's update, then view b's) and parameter gradients (summed over ranks)
+    equal two forwards of nn.BatchNorm; global scope makes one all-gather per direction."""
+    inputs = _grouped_inputs()
+    ref = _grouped_reference(inputs, scope, world)
+    if world == 1:
+        results = [_grouped_rank_fn(0, 1, scope)]
+    else:
+        results = run_ranks(_grouped_rank_fn, world, scope, timeout=60)
+    rows = ref["rows"]
+    start = 0 if scope == "global" else None
+    for r, got in enumerate(results):
+        lo, hi = r * rows, (r + 1) * rows
+        for key in ("y", "x_grad"):
+            value = torch.as_tensor(got[key])
+            for i, view in enumerate("ab"):
+                want = ref[key][view, lo if start is None else start]
+                want = want if start is None else want[lo:hi]
+                torch.testing.assert_close(value[i * rows : (i + 1) * rows], want, **TOL)
+        for name, value in ref["bn"].state_dict().items():
+            torch.testing.assert_close(torch.as_tensor(got[name]), value, **TOL, msg=name)
+        if scope == "global" and world == 2:
+            # forward: (count, mean, M2) x 3 channels x 2 views; backward: 2 sums x 3 x 2
+            assert got["collective_bytes"] == [2 * 3 * 3 * 8, 2 * 2 * 3 * 8]
+    for key in ("weight_grad", "bias_grad"):
+        total = sum(torch.as_tensor(got[key]) for got in results)
+        torch.testing.assert_close(total, getattr(ref["bn"], key.split("_")[0]).grad, **TOL)
+
+
+def test_batch_groups_refuses_a_plain_batchnorm_and_uneven_blocks():
+    from hpc_btunet.global_batchnorm import batch_groups, groups_supported
+
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    assert not groups_supported(plain) and groups_supported(nn.Conv2d(1, 2, 3))
+    with pytest.raises(ValueError, match="one of ours"), batch_groups(plain, 2):
+        pass
+    bn = GlobalBatchNorm(2)
+    with pytest.raises(ValueError, match="5 rows does not split into 2"), batch_groups(bn, 2):
+        bn(torch.randn(5, 2, 3, 3))
+    assert bn.groups == 1, "the block restores the layers"

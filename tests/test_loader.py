@@ -237,6 +237,22 @@ def test_many_small_shards_read_in_plan_order(toy_pack):
     )
 
 
+def test_persistent_workers_follow_set_epoch(toy_pack):
+    """Workers live across epochs (one start-up per loader): each epoch, and a start inside
+    one, is the order that a loader without workers gives, also when an epoch was left early."""
+    out, _ = toy_pack(n=60, shard_size=7)
+    plain = make_loader(out, "train", batch_size=4, num_workers=0, seed=3)
+    loader = make_loader(out, "train", batch_size=4, num_workers=2, seed=3)
+    assert loader.persistent_workers
+    for epoch, start in ((0, 0), (1, 0), (1, 3), (2, 0), (0, 5)):
+        assert epoch_batches(loader, epoch, start) == epoch_batches(plain, epoch, start)
+        loader.dataset.set_epoch(epoch + 7)
+        next(iter(loader))  # an epoch left after one batch
+    workers = loader._iterator._workers
+    assert epoch_batches(loader, 4) == epoch_batches(plain, 4)
+    assert loader._iterator._workers == workers, "the same worker processes throughout"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_set_epoch_start_skips_batches_without_reading_them(toy_pack, workers):
     out, m = toy_pack(n=60, shard_size=7, encoding="npy")

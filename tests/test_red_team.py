@@ -311,6 +311,10 @@ CASES = {
     "crop-scale-zero": ([*PRE, "--crop-scale", "0"], ["--crop-scale", "> 0"]),
     "rotation-too-large": ([*PRE, "--rotation", "400"], ["--rotation", "<= 180"]),
     "epochs-zero": ([*PRE, "--epochs", "0"], ["--epochs", ">= 1"]),
+    "stage-on-error-unknown": (
+        [*PRE, "--stage-to", "{root}/node", "--stage-on-error", "ignore"],
+        ["--stage-on-error", "invalid choice", "fallback", "stop"],
+    ),
     "config-missing": ([*PRE, "--config", "{root}/none.yaml"], ["--config", "does not exist"]),
     "config-unknown-key": ([*PRE, "--config", "{unknown_key_yaml}"], ["batchsize", "valid keys"]),
     "config-not-a-mapping": ([*PRE, "--config", "{list_yaml}"], ["mapping"]),

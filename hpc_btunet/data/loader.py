@@ -36,9 +36,8 @@ it decodes to the manifest's shape.
 
 from __future__ import annotations
 
-import json
 import operator
-import tarfile
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hpc_btunet.data.codec import decode_array, payload_crc, read_members, split_member_name
+from hpc_btunet.data.codec import (
+    TarFormatError,
+    decode_array,
+    iter_members,
+    payload_crc,
+    split_member_name,
+)
 from hpc_btunet.data.manifest import Manifest, ShardInfo, load_manifest, verify_shards
 from hpc_btunet.errors import ShardError, UserError
 
@@ -213,6 +218,9 @@ class ShardStream(IterableDataset):
         self.shuffle_window = shuffle_window
         self._check_files(verify)
         self.epoch, self.start = 0, 0
+        # (epoch, start) as set_epoch left them, in shared memory: persistent DataLoader workers
+        # (copies of this object, made once) read it when an epoch's iteration begins
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         # this rank's (shard, pos, pad), steps x batch_size, planned in the main process so
         # that workers (started at each epoch) inherit it
         self._batches = self._plan(0)
@@ -252,6 +260,7 @@ class ShardStream(IterableDataset):
         if epoch != self.epoch:
             self._batches = self._plan(epoch)
         self.epoch, self.start = epoch, start
+        self._position.copy_(torch.tensor([epoch, start]))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -272,33 +281,38 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, self.start = self._position.tolist()
+        if epoch != self.epoch:  # a persistent worker, at a new epoch: the same plan as the main
+            self._batches, self.epoch = self._plan(epoch), epoch
         shard, pos, pad = self._batches
         handles: dict[int, BinaryIO] = {}  # open for the epoch, per worker
         try:
             for step in range(self.start + worker, len(shard), num_workers):
-                yield self._collate(self._read_batch(shard[step], pos[step], pad[step], handles))
+                yield self._read_batch(shard[step], pos[step], pad[step], handles, info is not None)
         finally:
             for f in handles.values():
                 f.close()
 
-    def _collate(self, batch: list[tuple]) -> dict:
-        out = {
-            "key": [b[0] for b in batch],
-            "image": torch.from_numpy(np.stack([b[1] for b in batch])),
-            "pad": torch.tensor([b[3] for b in batch], dtype=torch.bool),
-        }
-        if self.with_masks:
-            out["mask"] = torch.from_numpy(np.stack([b[2] for b in batch]))
-        return out
-
     def _read_batch(
-        self, shard: np.ndarray, pos: np.ndarray, pad: np.ndarray, handles: dict[int, BinaryIO]
-    ) -> list[tuple]:
-        """Decode one batch, returned in plan order but read in (shard, position) order, so that
-        neighbours in a shard are one tar stream and seeks within a shard go forward."""
+        self,
+        shard: np.ndarray,
+        pos: np.ndarray,
+        pad: np.ndarray,
+        handles: dict[int, BinaryIO],
+        shared: bool,
+    ) -> dict:
+        """Read and decode one batch into its tensors (in shared memory in a worker, so that
+        handing it to the main process copies nothing). Samples are placed in plan order but
+        read in (shard, position) order: neighbours in a shard are one read, and reads within a
+        shard go forward."""
+        size, channels = self.manifest.image_size, self.manifest.channels
+        images, masks, pad_flags = _batch_tensors(
+            len(shard), channels, size, self.with_masks, shared
+        )
+        pad_flags.copy_(torch.from_numpy(pad))
+        keys: list[str] = [""] * len(shard)
         order = np.lexsort((pos, shard)).tolist()
         shard, pos = shard.tolist(), pos.tolist()
-        out: list[tuple] = [()] * len(order)
         i = 0
         while i < len(order):
             s, first = shard[order[i]], pos[order[i]]
@@ -307,9 +321,14 @@ class ShardStream(IterableDataset):
                 j += 1
             info = self.shards[s]
             f = self._handle(s, handles)
-            for slot, raw in zip(order[i:j], self._read_run(f, info, first, j - i), strict=True):
-                out[slot] = self._decode(info, raw, bool(pad[slot]))
+            runs = self._read_run(f, info, first, j - i)
+            for k, (slot, members) in enumerate(zip(order[i:j], runs, strict=True)):
+                keys[slot] = info.keys[first + k]
+                self._decode(info, keys[slot], members, images.numpy()[slot], masks, slot)
             i = j
+        out = {"key": keys, "image": images, "pad": pad_flags}
+        if masks is not None:
+            out["mask"] = masks
         return out
 
     def _handle(self, shard: int, handles: dict[int, BinaryIO]) -> BinaryIO:
@@ -325,19 +344,24 @@ class ShardStream(IterableDataset):
         return f
 
     def _read_run(self, f, shard: ShardInfo, start: int, count: int) -> Iterator[dict[str, bytes]]:
+        """The members of samples ``start`` .. ``start + count - 1`` of ``shard``: their bytes
+        (from the sample's offset to the next sample's, or to the shard's end) in one read, the
+        tar headers parsed and checked by :func:`~hpc_btunet.data.codec.iter_members`."""
         expected = shard.keys[start : start + count]
+        first = shard.offsets[start]
+        last = shard.offsets[start + count] if start + count < shard.count else shard.bytes
         enc = self.manifest.encoding
         done, members = 0, {}
         try:
-            tar = read_members(f, shard.offsets[start])
-            for info in tar:
-                key, ext = split_member_name(info.name)
+            buf = memoryview(os.pread(f.fileno(), last - first, first))
+            for name, payload in iter_members(buf):
+                key, ext = split_member_name(name)
                 if key != expected[done]:
                     raise ShardError(
-                        f"shard {self.root / shard.name} is corrupt: found member {info.name!r} "
+                        f"shard {self.root / shard.name} is corrupt: found member {name!r} "
                         f"where sample {expected[done]!r} should be; repack or copy it again"
                     )
-                members[ext] = tar.extractfile(info).read()
+                members[ext] = payload
                 wanted = {f"image.{enc}", "json"}
                 if key not in self.unlabelled:
                     wanted.add(f"mask.{enc}")
@@ -347,7 +371,7 @@ class ShardStream(IterableDataset):
                     done, members = done + 1, {}
                     if done == count:
                         return
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (TarFormatError, OSError) as e:
             raise ShardError(
                 f"shard {self.root / shard.name} is unreadable near sample {expected[done]!r} ({e}): "
                 "it is truncated or corrupt; run `hpc-btunet verify`, then repack or copy it again"
@@ -367,30 +391,57 @@ class ShardStream(IterableDataset):
                 "`hpc-btunet verify`, then repack the dataset or copy the shard again"
             )
 
-    def _decode(self, shard: ShardInfo, members: dict[str, bytes], pad: bool) -> tuple:
-        enc, size, channels = (
-            self.manifest.encoding,
-            self.manifest.image_size,
-            self.manifest.channels,
-        )
-        key = json.loads(members["json"])["key"]
+    def _decode(
+        self,
+        shard: ShardInfo,
+        key: str,
+        members: dict[str, memoryview],
+        image_slot: np.ndarray,
+        masks: torch.Tensor | None,
+        slot: int,
+    ) -> None:
+        """Decode sample ``key``'s image into ``image_slot`` (C x H x W) and its mask into row
+        ``slot`` of ``masks`` (as {0, 1}), checking the shape against the manifest."""
+        enc = self.manifest.encoding
         try:
             image = decode_array(members[f"image.{enc}"], enc)
-            image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
             mask = None
-            if self.with_masks:
-                mask = (decode_array(members[f"mask.{enc}"], enc) > 0).astype(np.uint8)[None]
-        except (ValueError, OSError, SyntaxError) as e:
+            if masks is not None:
+                mask = decode_array(members[f"mask.{enc}"], enc)
+        except (ValueError, RuntimeError, OSError, SyntaxError) as e:
             raise ShardError(
                 f"shard {self.root / shard.name}: sample {key!r} does not decode ({e}): the shard "
                 "is corrupt; run `hpc-btunet verify`, then repack or copy it again"
             ) from e
-        if image.shape != (channels, size, size):
+        image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+        if image.shape != image_slot.shape or (mask is not None and mask.shape != image.shape[1:]):
+            found = tuple(image.shape) if image.shape != image_slot.shape else tuple(mask.shape)
             raise ShardError(
-                f"shard {self.root / shard.name}: sample {key!r} has shape {tuple(image.shape)}, "
-                f"the manifest says {(channels, size, size)}; repack the dataset"
+                f"shard {self.root / shard.name}: sample {key!r} has shape {found}, "
+                f"the manifest says {tuple(image_slot.shape)}; repack the dataset"
             )
-        return key, np.ascontiguousarray(image), mask, pad
+        image_slot[...] = image
+        if mask is not None:
+            np.greater(mask, 0, out=masks.numpy()[slot, 0])
+
+
+def _batch_tensors(
+    batch: int, channels: int, size: int, with_masks: bool, shared: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Uninitialised images (uint8, B x C x H x W), masks (uint8, B x 1 x H x W, or None) and pad
+    flags (bool, B) of one batch, as views of one storage: in shared memory when ``shared`` (a
+    worker's batch then reaches the main process as one file descriptor, with no copy)."""
+    pixels = size * size
+    lengths = [batch * channels * pixels, batch * pixels if with_masks else 0, batch]
+    storage = torch.empty(sum(lengths), dtype=torch.uint8)
+    if shared:
+        storage.share_memory_()
+    images, masks, pad = storage.split(lengths)
+    return (
+        images.view(batch, channels, size, size),
+        masks.view(batch, 1, size, size) if with_masks else None,
+        pad.view(torch.bool),
+    )
 
 
 def make_loader(
@@ -415,6 +466,7 @@ def make_loader(
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,  # workers must see the epoch set by set_epoch
+        # workers live across epochs (no start-up per epoch) and read set_epoch's position
+        persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )

@@ -51,6 +51,7 @@ from hpc_btunet.global_batchnorm import (
     convert_global_batchnorm,
     convert_local_batchnorm,
 )
+from hpc_btunet.threads import ThreadPlan, place_threads
 from hpc_btunet.train.checkpoint import load_file, save_file
 
 ENGINES = ("ddp", "deepspeed")
@@ -118,6 +119,7 @@ class Engine:
         self.device = device
         self.rank, self.world_size = placement.rank, placement.world_size
         self.local_rank = placement.local_rank
+        self.threads: ThreadPlan | None = None  # this rank's compute threads (create_engine)
         self.module: nn.Module | None = None  # the model as built (unwrapped)
         self.wrapped: nn.Module | None = None  # what prepare() returned
         self.optimizer: Optimizer | None = None
@@ -243,7 +245,12 @@ class DDPEngine(Engine):
         self.wrapped = self.module
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+            # buffers are not broadcast at each forward: BatchNorm running statistics are the
+            # same on every rank by construction (global statistics, or every rank's records
+            # applied in one order), and the broadcast would cost a collective per forward
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=ids, broadcast_buffers=False
+            )
         return self.wrapped
 
     def autocast(self):
@@ -320,10 +327,13 @@ def create_engine(spec: EngineSpec) -> Engine:
     if spec.kind == "deepspeed":
         from hpc_btunet.train.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(spec, device, placement)
-    if spec.kind == "ddp":
-        return DDPEngine(spec, device, placement)
-    raise UserError(f"unknown engine {spec.kind!r}: choose one of {', '.join(ENGINES)}")
+        engine = DeepSpeedEngine(spec, device, placement)
+    elif spec.kind == "ddp":
+        engine = DDPEngine(spec, device, placement)
+    else:
+        raise UserError(f"unknown engine {spec.kind!r}: choose one of {', '.join(ENGINES)}")
+    engine.threads = place_threads(placement.launcher, placement.local_world_size)
+    return engine
 
 
 @contextlib.contextmanager

@@ -177,11 +177,11 @@ def run(cfg: FinetuneConfig) -> Path:
 def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     engine = session.engine
     cfg.check_world_size(engine.world_size)
-    manifest = load_manifest(cfg.data)
+    manifest = load_manifest(session.data)
     cfg.check_inputs(manifest, engine.world_size)
     # the test split is read only after training: a damaged test shard must stop the job now
     verify_before_training(
-        cfg.data,
+        session.data,
         manifest.shards_of("test"),
         session.watcher,
         "before training (verifying test shards)",
@@ -191,7 +191,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
 
     def loader(split: str, keys: list[str] | None, train: bool):
         return make_loader(
-            cfg.data,
+            session.data,
             split,
             keys=keys,
             batch_size=cfg.batch_size,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from hpc_btunet.config import check_values, option, to_dict
-from hpc_btunet.data.manifest import MANIFEST_NAME, sha256_file
+from hpc_btunet.data.manifest import MANIFEST_NAME, SPLITS, sha256_file
+from hpc_btunet.data.staging import ON_ERROR as STAGE_ON_ERROR
 from hpc_btunet.errors import UserError
 from hpc_btunet.tracking import MODES
 from hpc_btunet.train.engine import (
@@ -85,6 +86,20 @@ class JobConfig:
         "listed and recorded in its config.yaml)",
         identity=False,
     )
+    stage_to: Path | None = option(
+        None,
+        "copy the dataset once per node to this node-local folder and read it there, e.g. "
+        "'$TMPDIR/hpc_btunet' in single quotes: variables and ~ are expanded on the node when "
+        "the job starts (default: read --data directly)",
+        identity=False,
+    )
+    stage_on_error: str = option(
+        "fallback",
+        "when --stage-to cannot hold the copy (not node-local, read-only, full): fallback "
+        "(read --data directly, logged) or stop",
+        choices=STAGE_ON_ERROR,
+        identity=False,
+    )
 
     # the file whose existence makes the run complete, and the largest world size the job takes
     result_name: ClassVar[str] = ""
@@ -94,6 +109,8 @@ class JobConfig:
     layout_options: ClassVar[tuple[str, ...]] = ()
     # a sentence added to the refusal when this top-level identity key differs
     identity_hints: ClassVar[dict[str, str]] = {}
+    # the splits the job reads: what --stage-to copies
+    splits_read: ClassVar[tuple[str, ...]] = SPLITS
 
     def __post_init__(self) -> None:
         if self.data is None:

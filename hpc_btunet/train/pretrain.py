@@ -35,7 +35,7 @@ from torch import nn
 from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import load_manifest, make_loader
 from hpc_btunet.errors import UserError
-from hpc_btunet.global_batchnorm import frozen_statistics
+from hpc_btunet.global_batchnorm import batch_groups, frozen_statistics, groups_supported
 from hpc_btunet.models import build_model, check_input_size, model_signature
 from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cross_correlation_stats
 from hpc_btunet.train.checkpoint import latest_checkpoint, save_weights
@@ -105,6 +105,7 @@ class PretrainConfig(JobConfig):
     )
 
     result_name: ClassVar[str] = "encoder.pt"
+    splits_read: ClassVar[tuple[str, ...]] = ("train",)
     layout_options: ClassVar[tuple[str, ...]] = ("batch_size", "accumulate", "bn_scope")
     identity_hints: ClassVar[dict[str, str]] = {
         "batch": "the global batch is --batch-size x --accumulate x world size, and BatchNorm "
@@ -205,6 +206,10 @@ class TwinStep:
         self.engine, self.net, self.loss_fn, self.views = engine, net, loss_fn, views
         self.seed, self.global_batch = seed, global_batch
         self.checkpoints = checkpoints
+        # both views in one forward where every BatchNorm keeps their statistics apart (ours:
+        # several ranks on CPU, --bn-scope local, DeepSpeed half precision): one collective per
+        # layer for both, and one larger batch for the convolutions
+        self.one_pass = groups_supported(engine.module)
 
     def _embed(self, images: torch.Tensor, step: int, k: int) -> tuple:
         """Both views of this rank's micro-batch ``k`` (``B`` images), embedded. Micro-batch
@@ -216,7 +221,10 @@ class TwinStep:
             x, seed=self.seed, step=step, offset=offset, total=self.global_batch
         )
         with e.autocast():
-            return self.net(e.inputs(view_a)), self.net(e.inputs(view_b))
+            if not self.one_pass:
+                return self.net(e.inputs(view_a)), self.net(e.inputs(view_b))
+            with batch_groups(e.module, 2):
+                return self.net(e.inputs(torch.cat([view_a, view_b]))).chunk(2)
 
     def _check(self, loss: torch.Tensor, step: int) -> None:
         if not self.engine.all_finite(loss.detach()):
@@ -260,12 +268,12 @@ def run(cfg: PretrainConfig) -> Path:
 
 def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     engine = session.engine
-    manifest = load_manifest(cfg.data)
+    manifest = load_manifest(session.data)
     cfg.check_world_size(engine.world_size)
     cfg.check_inputs(manifest, engine.world_size)
     if cfg.verify:
         verify_before_training(
-            cfg.data,
+            session.data,
             manifest.shards_of("train"),
             session.watcher,
             "before training (verifying shards)",
@@ -284,7 +292,7 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
 
     # the loader's global batches are micro-batch steps: K of them make an optimiser step
     loader = make_loader(
-        cfg.data,
+        session.data,
         "train",
         batch_size=cfg.batch_size,
         rank=engine.rank,
@@ -330,7 +338,8 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     session.log(
         f"{cfg.model} on {manifest.counts['train']} images, {cfg.describe_batch(engine.world_size)}"
         f", {per_epoch} steps/epoch, {total} steps, device {engine.device}, engine {engine.kind} "
-        f"({cfg.precision})"
+        f"({cfg.precision}), {engine.threads.threads} thread(s) per rank "
+        f"({engine.threads.source})"
     )
 
     def progress() -> tuple[int, dict]:

@@ -144,7 +144,12 @@ class RunDir:
             self._lock = None
 
     def write_config(
-        self, config: dict[str, Any], identity: dict, manifest_sha256: str, step: int = 0
+        self,
+        config: dict[str, Any],
+        identity: dict,
+        manifest_sha256: str,
+        step: int = 0,
+        runtime: dict | None = None,
     ) -> None:
         """Record the resolved config and identity. A resume with another identity (forced) or
         another config (another world size, more workers, ...) keeps what changed in
@@ -169,6 +174,8 @@ class RunDir:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         record = {"config": config, "identity": identity, "provenance": provenance}
+        if runtime:
+            record["runtime"] = runtime
         if history:
             record["history"] = history
         with atomic_open(self.config_file, "w") as f:
@@ -219,12 +226,27 @@ def open_run(
     return complete, Path(last) if last else None
 
 
-def record_start(rundir: RunDir, config: dict, identity: dict, data: Path, step: int) -> None:
+def record_start(
+    rundir: RunDir,
+    config: dict,
+    identity: dict,
+    data: Path,
+    step: int,
+    runtime: dict | None = None,
+) -> None:
     """After :func:`open_run`: a new run records its config and starts an empty log; a resumed
     one drops log lines past its checkpoint, and records its config again when it changed (on
     another world size, say) or it was forced to continue with another identity (what was
-    recorded before goes to ``history``)."""
+    recorded before goes to ``history``). ``runtime`` (threads, staging: how this start ran, not
+    what the run is) is recorded as the latest start's, without history."""
     recorded = rundir.recorded() or {}
-    if step == 0 or recorded.get("identity") != identity or recorded.get("config") != config:
-        rundir.write_config(config, identity, sha256_file(Path(data) / MANIFEST_NAME), step)
+    if (
+        step == 0
+        or recorded.get("identity") != identity
+        or recorded.get("config") != config
+        or recorded.get("runtime") != runtime
+    ):
+        rundir.write_config(
+            config, identity, sha256_file(Path(data) / MANIFEST_NAME), step, runtime
+        )
     rundir.truncate_log(step)

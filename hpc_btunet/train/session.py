@@ -2,13 +2,15 @@
 that every job (pre-training, fine-tuning) shares.
 
 ``run_job(cfg, stage, name, body)`` builds the engine from the config, opens the run folder
-(lock, identity, newest intact checkpoint: :func:`hpc_btunet.train.run.open_run`) and calls
-``body(session)`` unless the run is complete. The body builds its model, hands it to the engine,
-then:
+(lock, identity, newest intact checkpoint: :func:`hpc_btunet.train.run.open_run`), stages the
+dataset to node-local disk with ``--stage-to`` (:mod:`hpc_btunet.data.staging`) and calls
+``body(session)`` unless the run is complete. The body reads its dataset from ``session.data``
+(the node's copy, or ``--data``), builds its model, hands it to the engine, then:
 
 - ``state = session.resume()``: the engine's state and the job's own progress (a dict) from the
   newest intact checkpoint, or None for a new run;
-- ``session.start(config, position)``: records the config and opens the tracker;
+- ``session.start(config, position)``: records the config (with what staging did) and opens the
+  tracker;
 - ``session.watch(progress)``: ``progress()`` returns ``(position, state)``, what a checkpoint
   made now would hold; ``session.stop_if_preempted()`` after every batch saves it and requeues
   when SLURM's warning arrived on any rank;
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from hpc_btunet.atomic import write_json
+from hpc_btunet.data.staging import stage_dataset
 from hpc_btunet.errors import UserError
 from hpc_btunet.tracking import Tracker
 from hpc_btunet.train import checkpoint
@@ -48,6 +51,8 @@ class Session:
         self.cfg, self.engine, self.stage, self.name = cfg, engine, stage, name
         self.rundir = RunDir(cfg.run_dir(), is_main=engine.is_main)
         self.identity = cfg.identity(engine.world_size)
+        self.data = Path(cfg.data)  # where the dataset is read: --data, or the node's copy
+        self.staging: dict | None = None  # what staging did, for the config (None: off)
         self.last: Path | None = None
         self.watcher: PreemptionWatcher | None = None
         self.tracker: Tracker | None = None
@@ -74,6 +79,25 @@ class Session:
 
     def log(self, message: str) -> None:
         if self.engine.is_main:
+            print(f"{self.stage}: {message}", flush=True)
+
+    def stage_data(self) -> None:
+        """With ``--stage-to``: every rank copies or checks the dataset's node-local copy (one
+        process per node copies, the others wait) and reads it from there, or from ``--data``
+        after a fallback. One line per node says what was done."""
+        if self.cfg.stage_to is None:
+            return
+        result = stage_dataset(
+            self.cfg.data,
+            self.cfg.stage_to,
+            self.cfg.splits_read,
+            on_error=self.cfg.stage_on_error,
+            log=self._node_log,
+        )
+        self.data, self.staging = result.data, result.record()
+
+    def _node_log(self, message: str) -> None:
+        if self.engine.local_rank == 0:
             print(f"{self.stage}: {message}", flush=True)
 
     # --- resume and checkpoints ----------------------------------------------------------------
@@ -133,11 +157,18 @@ class Session:
     # --- start and end -------------------------------------------------------------------------
 
     def start(self, config: dict, position: int, tracked: dict | None = None) -> Tracker:
-        """Record the config (and identity) and open the tracker."""
-        record_start(self.rundir, config, self.identity, self.cfg.data, position)
+        """Record the config (and identity) and open the tracker. Both also get how this start
+        runs (``runtime``): each rank's compute threads and where they came from, and with
+        ``--stage-to`` where the dataset was read and the copy's figures."""
+        runtime = {}
+        if self.engine.threads is not None:
+            runtime["threads"] = self.engine.threads.as_dict()
+        if self.staging is not None:
+            runtime["staging"] = self.staging
+        record_start(self.rundir, config, self.identity, self.cfg.data, position, runtime)
         self.tracker = Tracker(
             self.rundir,
-            tracked or config,
+            (tracked or config) | runtime,
             stage=self.stage,
             name=self.name,
             group=Path(self.cfg.out).name,
@@ -192,6 +223,7 @@ def run_job(cfg, stage: str, name: str, body: Callable[[Session], Path]) -> Path
         if session.open():
             session.log(f"{cfg.result_file()} exists, nothing to do")
             return cfg.result_file()
+        session.stage_data()
         result = body(session)
         engine.close()
         return result

@@ -132,26 +132,35 @@ def _gathered(local: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
+def _affine(x: Tensor, scale: Tensor, shift: Tensor | None, out: Tensor) -> None:
+    """``out = x * scale + shift`` per channel (dim 1), in one pass of ATen's BatchNorm kernel
+    (inference form with mean 0, variance 1, eps 0): faster on CPU than the element-wise ops."""
+    zeros = torch.zeros_like(scale)
+    torch.ops.aten.native_batch_norm.out(
+        x, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0,
+        out=out, save_mean=torch.empty(0), save_invstd=torch.empty(0),
+    )  # fmt: skip
+
+
 class _GlobalNorm(torch.autograd.Function):
     """The training forward and backward of :class:`GlobalBatchNorm` for an input whose rows are
     ``groups`` equal blocks normalised separately (``groups=1``: the plain layer). One collective
     in each direction for all groups: forward, every rank's per-group count, mean and sum of
     squared deviations (an exact merge, no E[x^2] - E[x]^2 cancellation); backward, the global
-    sums of the output gradient and of the gradient times the normalised input."""
+    sums of the output gradient and of the gradient times the normalised input. The per-rank
+    reductions and the element-wise passes are ATen's BatchNorm kernels (a fraction of the time
+    of generic reductions on CPU)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight, bias, layer: GlobalBatchNorm, groups: int) -> Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xf, c = x.to(dtype), x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        shape = (1, c) + (1,) * (x.dim() - 2)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        c = x.shape[1]
         slices = _group_slices(x.shape[0], groups)
         local = torch.zeros(groups, 3, c, dtype=torch.float64, device=x.device)
         for g, rows in enumerate(slices):
-            part = xf[rows]
-            if part.numel():  # a rank may hold no sample: it adds nothing
-                var, mean = torch.var_mean(part, dims, correction=0)
-                count = part.numel() // c
+            if xf[rows].numel():  # a rank may hold no sample: it adds nothing
+                mean, var = torch.batch_norm_update_stats(xf[rows], None, None, 0.0)
+                count = xf[rows].numel() // c
                 local[g, 0] = count
                 local[g, 1] = mean
                 local[g, 2] = var * count  # sum of squared deviations
@@ -161,51 +170,55 @@ class _GlobalNorm(torch.autograd.Function):
         mean = (counts * means).sum(0) / total
         var = (squares + counts * (means - mean).square()).sum(0) / total  # biased
         if layer.track_running_stats:
-            with torch.no_grad():
-                for g in range(groups):  # group by group, as separate forwards would
-                    layer._update_running_stats(mean[g], var[g], total[g, 0])
-        mean, invstd = mean.to(dtype), torch.rsqrt(var + layer.eps).to(dtype)
-        w = None if weight is None else weight.to(dtype)
+            for g in range(groups):  # group by group, as separate forwards would
+                layer._update_running_stats(mean[g], var[g], total[g, 0])
+        mean, invstd = mean.to(xf.dtype), torch.rsqrt(var + layer.eps).to(xf.dtype)
+        w = torch.ones_like(mean[0]) if weight is None else weight.to(xf.dtype)
+        b = None if bias is None else bias.to(xf.dtype)
         out = torch.empty_like(xf)
         for g, rows in enumerate(slices):
-            scale = invstd[g] if w is None else invstd[g] * w
-            shift = -mean[g] * scale if bias is None else bias.to(dtype) - mean[g] * scale
-            out[rows] = xf[rows] * scale.view(shape) + shift.view(shape)
-        ctx.save_for_backward(x, weight, mean, invstd, total[:, 0])
-        ctx.slices = slices
+            scale = invstd[g] * w
+            shift = -mean[g] * scale if b is None else b - mean[g] * scale
+            _affine(xf[rows], scale, shift, out[rows])
+        ctx.save_for_backward(x, w, mean, invstd, total[:, 0])
+        ctx.slices, ctx.eps = slices, layer.eps
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, weight, mean, invstd, total = ctx.saved_tensors
-        dtype = mean.dtype
-        dy, xf = grad.to(dtype), x.to(dtype)
-        dims = [0, *range(2, x.dim())]
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        normed, local = [], []
+        x, w, mean, invstd, total = ctx.saved_tensors
+        xf = x if x.dtype == mean.dtype else x.to(mean.dtype)
+        dy = grad.to(mean.dtype)
+        local = torch.empty(len(ctx.slices), 2, x.shape[1], dtype=mean.dtype, device=x.device)
         for g, rows in enumerate(ctx.slices):
-            xhat = (xf[rows] - mean[g].view(shape)) * invstd[g].view(shape)
-            normed.append(xhat)
-            local.append(torch.stack([dy[rows].sum(dims), (dy[rows] * xhat).sum(dims)]))
-        local = torch.stack(local)  # groups x (sum dy, sum dy * xhat) x C
-        sums = _gathered(local).sum(0).to(dtype) if ctx.needs_input_grad[0] else None
+            # (sum of dy * xhat, sum of dy) per channel: what ATen's backward gives as the
+            # weight's and the bias's gradient
+            _, local[g, 1], local[g, 0] = torch.ops.aten.native_batch_norm_backward(
+                dy[rows], xf[rows], w, None, None, mean[g], invstd[g], True, ctx.eps,
+                [False, True, True],
+            )  # fmt: skip
         grad_x = None
-        if sums is not None:
-            grad_x = torch.empty_like(dy)
-            w = 1 if weight is None else weight.to(dtype).view(shape)
+        if ctx.needs_input_grad[0]:
+            sums = _gathered(local).sum(0).to(mean.dtype)  # groups x 2 x C, over all ranks
+            grad_x = torch.empty_like(xf)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
             for g, rows in enumerate(ctx.slices):
-                n = total[g].to(dtype)
-                sum_dy, sum_dy_xhat = sums[g, 0].view(shape), sums[g, 1].view(shape)
-                grad_x[rows] = (dy[rows] - (sum_dy + normed[g] * sum_dy_xhat) / n) * (
-                    invstd[g].view(shape) * w
-                )
+                # w * invstd * (dy - sum dy / N - xhat * sum(dy * xhat) / N), as
+                # dy * k1 + x * k2 + k3 with per-channel k1, k2, k3
+                n = total[g].to(mean.dtype)
+                k1 = w * invstd[g]
+                k2 = -k1 * invstd[g] * sums[g, 1] / n
+                k3 = -k1 * sums[g, 0] / n - k2 * mean[g]
+                _affine(xf[rows], k2, k3, grad_x[rows])
+                grad_x[rows].addcmul_(dy[rows], k1.view(shape))
             grad_x = grad_x.to(x.dtype)
         # the parameters' gradients are this rank's share: DDP sums (averages) them over ranks
         grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = local[:, 1].sum(0).to(weight.dtype)
+        if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
+            grad_w = local[:, 1].sum(0).to(ctx.weight_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = local[:, 0].sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None

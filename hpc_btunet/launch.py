@@ -144,7 +144,12 @@ class LaunchConfig:
     logs: Path = field(
         default=Path("experiments/logs"), metadata={"help": "folder of the jobs' logs"}
     )
-    threads: int | None = option(None, "torch threads per task", min=1)
+    threads: int | None = option(
+        None,
+        "compute threads per task (default: SLURM's CPUs per task, else the cores / tasks per "
+        "node; recorded in the run's config.yaml under runtime.threads)",
+        min=1,
+    )
 
     def __post_init__(self) -> None:
         check_values(self)  # the flags as given, before defaults fill what is unset

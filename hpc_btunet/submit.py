@@ -211,7 +211,7 @@ def _add_jobs(sub) -> None:
         launch = p.add_argument_group(
             "where and with what resources (SLURM, local processes or in-process)"
         )
-        add_arguments(launch, LaunchConfig, skip=("logs", "threads"), with_config=False)
+        add_arguments(launch, LaunchConfig, skip=("logs",), with_config=False)
         p.set_defaults(func=_run_job, job=name, config_class=cls)
 
     p = sub.add_parser(

@@ -147,14 +147,16 @@ def _no_wandb_by_default(monkeypatch):
 
 
 def submit_cli(
-    *args, check: bool = True, timeout: float | None = None
+    *args, check: bool = True, timeout: float | None = None, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """``python -m hpc_btunet.submit ARGS``; with ``check``, it must succeed."""
+    """``python -m hpc_btunet.submit ARGS`` (in ``env``, default this environment); with
+    ``check``, it must succeed."""
     done = subprocess.run(
         [sys.executable, "-m", "hpc_btunet.submit", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     if check:
         assert done.returncode == 0, done.stdout + done.stderr[-3000:]

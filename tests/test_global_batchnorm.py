@@ -477,3 +477,34 @@ def test_batch_groups_refuses_a_plain_batchnorm_and_uneven_blocks():
     with pytest.raises(ValueError, match="5 rows does not split into 2"), batch_groups(bn, 2):
         bn(torch.randn(5, 2, 3, 3))
     assert bn.groups == 1, "the block restores the layers"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_groups_keep_the_memory_format_and_dtype(layout, dtype):
+    """One process, two blocks: equal to nn.BatchNorm2d on each block, for channels-last and
+    bf16 inputs (normalised in fp32, returned in the input's format and dtype)."""
+    from hpc_btunet.global_batchnorm import batch_groups
+
+    torch.manual_seed(1)
+    x = (torch.randn(8, 5, 6, 7) * 3 + 4).to(dtype).contiguous(memory_format=layout)
+    x.requires_grad_()
+    up = torch.randn(8, 5, 6, 7)
+    layer, reference = GlobalBatchNorm(5), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    reference.load_state_dict(layer.state_dict())
+    with batch_groups(layer, 2):
+        y = layer(x)
+    (y.float() * up).sum().backward()
+    xr = x.detach().float().requires_grad_()
+    yr = torch.cat([reference(xr[:4]), reference(xr[4:])])
+    (yr * up).sum().backward()
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+    tol = TOL if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    torch.testing.assert_close(y.float(), yr, **tol)
+    torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, **tol)
+    torch.testing.assert_close(layer.running_var, reference.running_var, **TOL)
+    assert int(layer.num_batches_tracked) == 2

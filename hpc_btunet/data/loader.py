@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import operator
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,6 +443,34 @@ def _batch_tensors(
         masks.view(batch, 1, size, size) if with_masks else None,
         pad.view(torch.bool),
     )
+
+
+class DataWait:
+    """The seconds a training loop spends waiting for its batches: iterate ``wait.timed(loader)``
+    instead of the loader, and ``take()`` the seconds and batches since the last ``take()``.
+    Near zero means the loader keeps up and the step is the bottleneck; a large share of the
+    wall time means the loader is (more workers, ``--stage-to``, a faster encoding)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.batches = 0.0, 0
+
+    def timed(self, iterable) -> Iterator:
+        tick = time.perf_counter()
+        it = iter(iterable)  # a DataLoader starts (or resumes) its workers here
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - tick
+            self.batches += 1
+            yield batch
+            tick = time.perf_counter()
+
+    def take(self) -> tuple[float, int]:
+        taken = self.seconds, self.batches
+        self.seconds, self.batches = 0.0, 0
+        return taken
 
 
 def make_loader(

@@ -25,7 +25,7 @@ from torch import nn
 
 from hpc_btunet.atomic import write_json
 from hpc_btunet.config import option, to_dict
-from hpc_btunet.data import Manifest, load_manifest, make_loader
+from hpc_btunet.data import DataWait, Manifest, load_manifest, make_loader
 from hpc_btunet.data.manifest import sha256_file
 from hpc_btunet.errors import UserError
 from hpc_btunet.models import build_model, check_input_size, load_encoder_state, model_signature
@@ -241,12 +241,13 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         )
     )
 
-    start = time.perf_counter()
+    start, data_wait = time.perf_counter(), DataWait()
     engine.train()
     while epoch < cfg.epochs and epoch - best["epoch"] <= cfg.patience:
         # resuming mid-epoch: the epoch's order is fixed, the batches done are not read again
         train_loader.dataset.set_epoch(epoch, start=done)
-        for i, batch in enumerate(train_loader, start=done):
+        tick, seen = time.perf_counter(), 0
+        for i, batch in enumerate(data_wait.timed(train_loader), start=done):
             x = engine.inputs(batch["image"].float() / 255)
             with engine.autocast():
                 heads = net(x)
@@ -255,7 +256,13 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
                 raise UserError(f"the loss became {loss.item()} in epoch {epoch}: lower --lr")
             engine.step(loss)
             total, count, done = total + loss.item() * len(x), count + len(x), i + 1
+            seen += len(x)
             session.stop_if_preempted(save=True)
+        waited, batches = data_wait.take()
+        speed = {
+            "images_per_s": seen / (time.perf_counter() - tick),
+            "data_wait_s": waited / max(batches, 1),  # per training batch, as pretrain logs it
+        }
         val_loss, _ = evaluate(
             engine, net, val_loader, loss_fn, lambda: session.stop_if_preempted(save=True)
         )
@@ -267,7 +274,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
             "lr": optimizer.param_groups[0]["lr"],
         }
         curve.append(point)
-        tracker.log(point, epoch + 1)
+        tracker.log(point | speed, epoch + 1)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": engine.export()}
         epoch, done, total, count = epoch + 1, 0, 0.0, 0

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hpc_btunet.config import option, to_dict
-from hpc_btunet.data import load_manifest, make_loader
+from hpc_btunet.data import DataWait, load_manifest, make_loader
 from hpc_btunet.errors import UserError
 from hpc_btunet.global_batchnorm import batch_groups, frozen_statistics, groups_supported
 from hpc_btunet.models import build_model, check_input_size, model_signature
@@ -349,13 +349,13 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     session.watch(progress)
 
     engine.train()
-    tick, images = time.perf_counter(), 0
+    tick, images, data_wait = time.perf_counter(), 0, DataWait()
     while step < total:
         epoch, skip = divmod(step, per_epoch)
         # resuming mid-epoch: the order is fixed
         loader.dataset.set_epoch(epoch, start=skip * cfg.accumulate)
         micro_batches = []
-        for batch in loader:
+        for batch in data_wait.timed(loader):
             micro_batches.append(batch["image"])
             if len(micro_batches) < cfg.accumulate:
                 continue
@@ -365,19 +365,25 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
             images += global_batch
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - tick
+                waited, _ = data_wait.take()
+                steps_done = images // global_batch
                 stats = cross_correlation_stats(z_a, z_b, gather=engine.world_size > 1)
                 record = {
                     "epoch": epoch,
                     "loss": last_loss,
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": images / elapsed,
+                    # seconds per step this rank waited for its batches: near 0, the step is
+                    # the bottleneck; near the step time, the loader is
+                    "data_wait_s": waited / steps_done,
                     **stats,
                 }
                 tracker.log(record, step)
                 session.log(
                     f"step {step}/{total} loss {record['loss']:.4g} "
                     f"on-diag {stats['on_diag_mean']:.3f} off-diag rms {stats['off_diag_rms']:.3f} "
-                    f"{record['images_per_s']:.1f} img/s"
+                    f"{record['images_per_s']:.1f} img/s, waiting for data "
+                    f"{1000 * record['data_wait_s']:.0f} ms/step ({waited / elapsed:.0%})"
                 )
                 tick, images = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == total:

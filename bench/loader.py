@@ -275,9 +275,9 @@ def decoders(args) -> None:
     print("| --- | ---: | ---: |")
     print(f"| raw uint8 (npy) | {raw / 1024:.1f} | |")
     for label, (enc, decode) in rows.items():
-        size = sum(len(a) + len(b) for a, b in encoded[enc]) / len(arrays) / 1024
+        kib = sum(len(a) + len(b) for a, b in encoded[enc]) / len(arrays) / 1024
         rate = best_loop_rate(decode, encoded[enc], args.epochs)
-        print(f"| {label} | {size:.1f} | {rate:,.0f} |")
+        print(f"| {label} | {kib:.1f} | {rate:,.0f} |")
 
 
 def main() -> int:

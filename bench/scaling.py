@@ -176,7 +176,8 @@ def _count_rank(rank: int, world: int, port: int, args, queue) -> None:
                 size = torch.tensor([], dtype=_dtype(e.input_dtypes)).element_size()
                 calls[e.name] += 1
                 nbytes[e.name] += sum(_numel(s) for s in e.input_shapes) * size
-        queue.put((rank, dict(calls), dict(nbytes), getattr(step, "one_pass", False)))
+        one_pass = step.one_pass(batch) if callable(getattr(step, "one_pass", None)) else False
+        queue.put((rank, dict(calls), dict(nbytes), one_pass))
 
 
 def _numel(shape) -> int:

@@ -194,3 +194,32 @@ def test_ranks_take_their_share_of_the_cores_and_the_flag_overrides(tmp_path):
     submit_cli(*common, "--threads", 1, "--out", tmp_path / "b", env=env)
     assert _runtime_threads(tmp_path / "b" / "pretrain" / "unet")["threads"] == 1
     assert torch.get_num_threads() >= 1
+
+
+# --- both views in one forward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device,batch,size,ours,want",
+    [
+        ("cpu", 16, 64, True, True),
+        ("cpu", 16, 128, True, True),  # the limit itself
+        ("cpu", 32, 256, True, False),  # convolutions over 2 x 32 x 256 x 256 leave the caches
+        ("cuda", 32, 256, True, True),
+        ("cpu", 16, 64, False, False),  # nn.BatchNorm would mix the views' statistics
+    ],
+)
+def test_views_share_a_forward_where_it_pays_and_is_exact(device, batch, size, ours, want):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hpc_btunet.global_batchnorm import convert_global_batchnorm
+    from hpc_btunet.train.pretrain import TwinStep
+
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    if ours:
+        module = convert_global_batchnorm(module)
+    engine = SimpleNamespace(module=module, device=torch.device(device))
+    step = TwinStep(engine, module, None, None, seed=0, global_batch=batch)
+    assert step.one_pass(torch.zeros(batch, 1, size, size, dtype=torch.uint8)) is want

@@ -34,6 +34,7 @@ The Barlow Twins loss, BatchNorm statistics and spectral pooling compute in fp32
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,16 @@ class Engine:
         return load_file(Path(folder) / ENGINE_STATE, "checkpoint")
 
 
+# DDP does not broadcast buffers at each forward: BatchNorm running statistics are the same on
+# every rank by construction (global statistics, or every rank's records applied in one order),
+# and the broadcast would cost a collective per forward (torch 2.13 renamed the option)
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 class DDPEngine(Engine):
     """``DistributedDataParallel`` (identity for one process), ``torch.autocast`` for half
     precision, ``torch.amp.GradScaler`` for fp16. Checkpoints: one file, written by rank 0."""
@@ -245,11 +256,8 @@ class DDPEngine(Engine):
         self.wrapped = self.module
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # buffers are not broadcast at each forward: BatchNorm running statistics are the
-            # same on every rank by construction (global statistics, or every rank's records
-            # applied in one order), and the broadcast would cost a collective per forward
             self.wrapped = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=ids, broadcast_buffers=False
+                self.module, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC
             )
         return self.wrapped
 

@@ -46,6 +46,10 @@ from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
 from hpc_btunet.train.session import Session, run_job
 
 MIN_GLOBAL_BATCH = 2
+# pixels per micro-batch up to which a CPU embeds both views in one forward (TwinStep.one_pass):
+# on the project's 2-core machine, 2 gloo ranks, one forward was 12-25 % faster per step at
+# 16 x 64 x 64 and 13 % slower at 32 x 256 x 256
+ONE_PASS_CPU_PIXELS = 16 * 128 * 128
 
 
 class TrainingDiverged(UserError):
@@ -206,10 +210,19 @@ class TwinStep:
         self.engine, self.net, self.loss_fn, self.views = engine, net, loss_fn, views
         self.seed, self.global_batch = seed, global_batch
         self.checkpoints = checkpoints
-        # both views in one forward where every BatchNorm keeps their statistics apart (ours:
-        # several ranks on CPU, --bn-scope local, DeepSpeed half precision): one collective per
-        # layer for both, and one larger batch for the convolutions
-        self.one_pass = groups_supported(engine.module)
+        # both views in one forward is possible where every BatchNorm keeps their statistics
+        # apart (ours: several ranks on CPU, --bn-scope local, DeepSpeed half precision)
+        self.groups = groups_supported(engine.module)
+
+    def one_pass(self, images: torch.Tensor) -> bool:
+        """Whether to embed both views in one forward: one collective per BatchNorm layer for
+        both instead of one each, but convolutions over twice the batch, which on a CPU are
+        slower per image once they leave the caches (measured in docs/architecture.md). So:
+        on a GPU always, on a CPU up to ``ONE_PASS_CPU_PIXELS`` pixels per micro-batch."""
+        if not self.groups:
+            return False
+        pixels = images.shape[0] * images.shape[-1] * images.shape[-2]
+        return self.engine.device.type == "cuda" or pixels <= ONE_PASS_CPU_PIXELS
 
     def _embed(self, images: torch.Tensor, step: int, k: int) -> tuple:
         """Both views of this rank's micro-batch ``k`` (``B`` images), embedded. Micro-batch
@@ -221,7 +234,7 @@ class TwinStep:
             x, seed=self.seed, step=step, offset=offset, total=self.global_batch
         )
         with e.autocast():
-            if not self.one_pass:
+            if not self.one_pass(images):
                 return self.net(e.inputs(view_a)), self.net(e.inputs(view_b))
             with batch_groups(e.module, 2):
                 return self.net(e.inputs(torch.cat([view_a, view_b]))).chunk(2)

@@ -47,6 +47,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "teardown",
+    "wait_for_all",
     "world_size",
 ]
 
@@ -156,6 +157,20 @@ def init_process_group(use_cuda: bool, timeout_s: float = 600.0) -> Placement:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return placement
+
+
+def wait_for_all(timeout_s: float) -> None:
+    """A barrier of every rank that waits up to ``timeout_s`` (which may exceed the process
+    group's timeout): for work some ranks do and others skip, such as one node copying its
+    dataset while the others reuse theirs. On a gloo group of its own, so it also serves NCCL
+    jobs; a rank still missing at the end is named in the error every rank raises."""
+    if world_size() == 1:
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s))
+    finally:
+        dist.destroy_process_group(group)
 
 
 def teardown() -> None:

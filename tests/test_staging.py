@@ -403,3 +403,39 @@ def test_the_command_line_falls_back_or_stops(dataset, tmp_path):
     assert stopped.returncode == 2 and "Traceback" not in err, err
     assert sum("error:" in line for line in err.splitlines()) == 1, err
     assert str(bad) in err and "Not a directory" in err and "--stage-on-error fallback" in err
+
+
+def _late_rank(rank: int, world: int) -> dict:
+    """Rank 1 arrives 4 s late (a node still copying): a barrier on a group with a 2 s timeout
+    (what the next collective would be under a short --dist-timeout) fails; wait_for_all,
+    with its own longer timeout, holds the others until it arrives."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from hpc_btunet.distributed import wait_for_all
+
+    short = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(4)
+    try:
+        dist.barrier(group=short)
+        plain = "passed"
+    except RuntimeError:
+        plain = "timed out"
+    if rank == 1:
+        time.sleep(4)
+    start = time.monotonic()
+    wait_for_all(30)
+    return {"plain": plain, "waited": time.monotonic() - start}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ranks_wait_for_a_node_still_copying_beyond_the_collective_timeout():
+    from multiproc import run_ranks
+
+    results = run_ranks(_late_rank, 2, timeout=90)
+    assert results[0]["plain"] == "timed out", "the control: a short-timeout barrier fails"
+    assert results[0]["waited"] >= 3, "rank 0 waited for rank 1 in wait_for_all"

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from hpc_btunet import distributed
 from hpc_btunet.atomic import write_json
-from hpc_btunet.data.staging import stage_dataset
+from hpc_btunet.data.staging import WAIT_S, stage_dataset
 from hpc_btunet.errors import UserError
 from hpc_btunet.tracking import Tracker
 from hpc_btunet.train import checkpoint
@@ -95,6 +96,10 @@ class Session:
             log=self._node_log,
         )
         self.data, self.staging = result.data, result.record()
+        # the nodes that reused a copy wait here for those still copying, for as long as a
+        # process waits for its node's copy: not in the next collective, whose timeout
+        # (--dist-timeout) a long copy would exceed
+        distributed.wait_for_all(WAIT_S)
 
     def _node_log(self, message: str) -> None:
         if self.engine.local_rank == 0:

@@ -10,11 +10,16 @@ biased variance used for normalisation come from the concatenation of every rank
 ``running_var`` receives the unbiased variance of that global batch, exactly as one
 ``nn.BatchNorm`` would on the W*B samples. Per-rank batch sizes may differ (the counts are summed).
 
-The reductions are autograd-aware all-reduces (sum, then sum of squared deviations: two passes
-instead of E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std), computed in
-float32 at least. With the collectives' summing backward, the input and parameter gradients are
-exactly those of the global batch: summed over ranks for the sum of the per-rank losses, or, with
-DDP's averaging, for their mean (see :mod:`hpc_btunet.distributed`).
+One collective per layer and direction (an autograd function, as ``nn.SyncBatchNorm`` has):
+forward, an all-gather of every rank's per-channel count, mean and sum of squared deviations,
+merged exactly in float64 in rank order (no E[x^2] - E[x]^2, which cancels catastrophically when
+|mean| >> std; the same bits on every rank); backward, an all-gather of the sums of the output
+gradient and of the gradient times the normalised input. Statistics are computed in float32 at
+least, on ATen's BatchNorm kernels. The input gradient is that of the global batch for the sum of
+the per-rank losses (each rank's upstream gradient summed over ranks); the parameter gradients
+are each rank's share, which DDP averages (see :mod:`hpc_btunet.distributed`). Inside
+:func:`batch_groups` an input's rows are equal blocks (the two views of one forward) normalised
+apart, with one collective for all blocks.
 
 Like ``nn.SyncBatchNorm``, the layer synchronises only in training mode: in eval mode, when not
 distributed or on a single rank, it runs ``nn.BatchNorm``'s own code path unchanged and calls no

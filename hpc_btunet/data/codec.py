@@ -171,12 +171,10 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
     if known is None:
         fp = io.BytesIO(header)
         version = np.lib.format.read_magic(fp)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else (np.lib.format.read_array_header_2_0)
-        )
-        shape, fortran, dtype = read(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         if dtype.hasobject:
             raise ValueError("npy payload holds Python objects")
         known = (shape, fortran, dtype, len(header))

@@ -21,8 +21,8 @@ its batches round-robin (worker ``w`` of ``N``: batches ``w, w+N, ...``), so PyT
 DataLoader yields them in plan order for any ``num_workers``. ``set_epoch(epoch, start=k)`` makes
 iteration begin at batch ``k`` without reading the ones before (a job resumed mid-epoch); ``len``
 stays the full count. Within a batch, samples are read in (shard, position) order, neighbours in
-a shard as one tar stream; the manifest's byte offsets let a reader start anywhere in a shard, so
-one shard serves any number of ranks. Batches are dicts: ``key`` (list of str), ``image`` (uint8,
+a shard as one read; the manifest's byte offsets let a reader start anywhere in a shard, so one
+shard serves any number of ranks. Batches are dicts: ``key`` (list of str), ``image`` (uint8,
 B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W, when the samples have masks) and ``pad``
 (bool, B).
 
@@ -222,8 +222,8 @@ class ShardStream(IterableDataset):
         # (epoch, start) as set_epoch left them, in shared memory: persistent DataLoader workers
         # (copies of this object, made once) read it when an epoch's iteration begins
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
-        # this rank's (shard, pos, pad), steps x batch_size, planned in the main process so
-        # that workers (started at each epoch) inherit it
+        # this rank's (shard, pos, pad), steps x batch_size; workers inherit it when they start
+        # and plan a later epoch themselves (__iter__)
         self._batches = self._plan(0)
         self.batches_per_epoch = len(self._batches[0])
 
@@ -311,6 +311,8 @@ class ShardStream(IterableDataset):
             len(shard), channels, size, self.with_masks, shared
         )
         pad_flags.copy_(torch.from_numpy(pad))
+        image_rows = images.numpy()
+        mask_rows = None if masks is None else masks.numpy()[:, 0]
         keys: list[str] = [""] * len(shard)
         order = np.lexsort((pos, shard)).tolist()
         shard, pos = shard.tolist(), pos.tolist()
@@ -325,7 +327,8 @@ class ShardStream(IterableDataset):
             runs = self._read_run(f, info, first, j - i)
             for k, (slot, members) in enumerate(zip(order[i:j], runs, strict=True)):
                 keys[slot] = info.keys[first + k]
-                self._decode(info, keys[slot], members, images.numpy()[slot], masks, slot)
+                mask_row = None if mask_rows is None else mask_rows[slot]
+                self._decode(info, keys[slot], members, image_rows[slot], mask_row)
             i = j
         out = {"key": keys, "image": images, "pad": pad_flags}
         if masks is not None:
@@ -398,16 +401,16 @@ class ShardStream(IterableDataset):
         key: str,
         members: dict[str, memoryview],
         image_slot: np.ndarray,
-        masks: torch.Tensor | None,
-        slot: int,
+        mask_slot: np.ndarray | None,
     ) -> None:
-        """Decode sample ``key``'s image into ``image_slot`` (C x H x W) and its mask into row
-        ``slot`` of ``masks`` (as {0, 1}), checking the shape against the manifest."""
+        """Decode sample ``key``'s image into ``image_slot`` (C x H x W) and, unless
+        ``mask_slot`` is None, its mask into it (H x W, as {0, 1}), checking the shapes against
+        the manifest's."""
         enc = self.manifest.encoding
         try:
             image = decode_array(members[f"image.{enc}"], enc)
             mask = None
-            if masks is not None:
+            if mask_slot is not None:
                 mask = decode_array(members[f"mask.{enc}"], enc)
         except (ValueError, RuntimeError, OSError, SyntaxError) as e:
             raise ShardError(
@@ -415,7 +418,7 @@ class ShardStream(IterableDataset):
                 "is corrupt; run `hpc-btunet verify`, then repack or copy it again"
             ) from e
         image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-        if image.shape != image_slot.shape or (mask is not None and mask.shape != image.shape[1:]):
+        if image.shape != image_slot.shape or (mask is not None and mask.shape != mask_slot.shape):
             found = tuple(image.shape) if image.shape != image_slot.shape else tuple(mask.shape)
             raise ShardError(
                 f"shard {self.root / shard.name}: sample {key!r} has shape {found}, "
@@ -423,7 +426,7 @@ class ShardStream(IterableDataset):
             )
         image_slot[...] = image
         if mask is not None:
-            np.greater(mask, 0, out=masks.numpy()[slot, 0])
+            np.greater(mask, 0, out=mask_slot)
 
 
 def _batch_tensors(

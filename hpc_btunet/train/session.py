@@ -9,8 +9,8 @@ dataset to node-local disk with ``--stage-to`` (:mod:`hpc_btunet.data.staging`) 
 
 - ``state = session.resume()``: the engine's state and the job's own progress (a dict) from the
   newest intact checkpoint, or None for a new run;
-- ``session.start(config, position)``: records the config (with what staging did) and opens the
-  tracker;
+- ``session.start(config, position)``: records the config (and under ``runtime`` the threads and
+  what staging did) and opens the tracker;
 - ``session.watch(progress)``: ``progress()`` returns ``(position, state)``, what a checkpoint
   made now would hold; ``session.stop_if_preempted()`` after every batch saves it and requeues
   when SLURM's warning arrived on any rank;

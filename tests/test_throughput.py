@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import replace
@@ -14,12 +18,14 @@ import pytest
 import torch
 import yaml
 from conftest import ToySource, submit_cli
+from torch.utils.data import DataLoader
 
-from hpc_btunet.data import DataWait, make_loader
+from hpc_btunet.data import DataWait, ShardStream, make_loader
+from hpc_btunet.data import loader as loader_module
 from hpc_btunet.data.codec import TarFormatError, decode_npy, iter_members
 from hpc_btunet.data.pack import PackConfig, pack
 from hpc_btunet.data.splits import SplitConfig
-from hpc_btunet.errors import ShardError
+from hpc_btunet.errors import ShardError, UserError
 from hpc_btunet.threads import available_cores, plan_threads
 
 # --- the tar reader ------------------------------------------------------------------------------
@@ -121,6 +127,100 @@ def test_long_keys_load(tmp_path):
     keys = [k for b in batches for k in b["key"]]
     assert keys == [k for s in m.shards_of("train") for k in s.keys]
     assert all(len(k) > 100 for k in keys)
+
+
+# --- batches from the workers -------------------------------------------------------------------
+
+
+def _batches(loader, epochs) -> list[dict]:
+    held = []
+    for epoch in epochs:
+        loader.dataset.set_epoch(epoch)
+        held += list(loader)  # every batch kept while later ones arrive
+    return held
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if k == "key" else torch.equal(a[k], b[k]) for k in a
+    )
+
+
+@pytest.mark.timeout(120)
+def test_worker_batches_stay_intact_while_their_slots_are_reused(toy_pack):
+    """Workers hand batches over through shared slots that are rewritten every few batches:
+    each batch kept by the training loop keeps its pixels (copied out, not a view of a slot),
+    equal to the batch read in-process; a user's own DataLoader over the stream (no slots)
+    gives the same batches."""
+    out, _ = toy_pack(n=80, shard_size=9)  # 56 train samples: 14 batches, 7 per worker
+    plain = _batches(make_loader(out, "train", batch_size=4, num_workers=0, seed=3), (0, 1))
+    loader = make_loader(out, "train", batch_size=4, num_workers=2, seed=3)
+    slots = loader.dataset._slots
+    assert slots is not None and slots.depth < 7, "each slot is used more than once per epoch"
+    held = _batches(loader, (0, 1))
+    assert len(held) == len(plain) == 28
+    assert all(_same(a, b) for a, b in zip(held, plain, strict=True))
+    assert all(b["image"].untyped_storage().data_ptr() != slots.storage.data_ptr() for b in held)
+    own = DataLoader(ShardStream(out, batch_size=4, seed=3), batch_size=None, num_workers=2)
+    assert all(_same(a, b) for a, b in zip(_batches(own, (0, 1)), plain, strict=True))
+
+
+def test_a_batch_overwritten_in_its_slot_is_an_error_not_a_mix(toy_pack):
+    out, _ = toy_pack(n=40, shard_size=9)
+    stream = ShardStream(out, batch_size=4)
+    stream.use_slots(workers=1, depth=2)
+    slots = stream._slots
+    slots.stamps[1] = 5  # slot 1 holds the worker's 5th batch
+    assert slots.take({"key": ["a"] * 4, "slot": 1, "seq": 5}, pin=False)["image"].shape == (
+        4, 1, 16, 16,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="rewritten before batch 3"):
+        slots.take({"key": ["a"] * 4, "slot": 1, "seq": 3}, pin=False)
+
+
+def test_too_little_shared_memory_is_named_before_training(toy_pack, monkeypatch):
+    out, _ = toy_pack(n=40, shard_size=9)
+    monkeypatch.setattr(loader_module, "_SHM", "/no/such/dir")  # nothing to measure: no check
+    assert make_loader(out, "train", batch_size=4, num_workers=2).dataset._slots is not None
+    monkeypatch.setattr(
+        loader_module.os,
+        "statvfs",
+        lambda _: os.statvfs_result((4096, 4096, 100, 0, 0, 0, 0, 0, 0, 255)),
+    )
+    monkeypatch.setattr(loader_module, "_SHM", "/dev/shm")
+    with pytest.raises(UserError, match=r"needs .* MiB of shared memory .*/dev/shm has 0 MiB free"):
+        make_loader(out, "train", batch_size=4, num_workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pretrain_on_a_small_dev_shm_says_so(tmp_path):
+    """A container's default /dev/shm (64 MiB in docker) is too small for large batches: the
+    job stops at start with the fix named, not with a worker's traceback ("unable to allocate
+    shared memory") some batches into the epoch."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a private /dev/shm here (needs root): {probe.stderr!r}")
+    data = tmp_path / "data"
+    submit_cli("pack", "--num-images", 100, "--image-size", 96, "--out", data)  # 1.7 MiB of slots
+    pretrain = [sys.executable, "-m", "hpc_btunet.submit", "pretrain", "--data", data, "--out",
+                tmp_path, "--steps", 2, "--batch-size", 32, "--base-width", 4, "--depth", 2,
+                "--num-workers", 2, "--executor", "debug", "--wandb", "disabled"]  # fmt: skip
+    command = " ".join(shlex.quote(str(a)) for a in pretrain)
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs /dev/shm && {command}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode != 0
+    assert "shared memory" in done.stderr and "--num-workers" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- waiting for data ----------------------------------------------------------------------------

@@ -219,6 +219,8 @@ class ShardStream(IterableDataset):
         self.shuffle_window = shuffle_window
         self._check_files(verify)
         self.epoch, self.start = 0, 0
+        self._slots: _BatchSlots | None = None  # use_slots
+        self._sent = 0  # batches this worker has put in its slots, over all epochs
         # (epoch, start) as set_epoch left them, in shared memory: persistent DataLoader workers
         # (copies of this object, made once) read it when an epoch's iteration begins
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -286,13 +288,35 @@ class ShardStream(IterableDataset):
         if epoch != self.epoch:  # a persistent worker, at a new epoch: the same plan as the main
             self._batches, self.epoch = self._plan(epoch), epoch
         shard, pos, pad = self._batches
+        slots = self._slots if info is not None else None
         handles: dict[int, BinaryIO] = {}  # open for the epoch, per worker
         try:
             for step in range(self.start + worker, len(shard), num_workers):
-                yield self._read_batch(shard[step], pos[step], pad[step], handles, info is not None)
+                if slots is None:  # in-process, or a DataLoader that make_loader did not build
+                    tensors = _batch_tensors(*self._layout(len(shard[step])), info is not None)
+                    yield self._read_batch(shard[step], pos[step], pad[step], handles, tensors)
+                    continue
+                self._sent += 1
+                slot = slots.slot(worker, self._sent)
+                slots.stamps[slot] = -1  # being written
+                batch = self._read_batch(
+                    shard[step], pos[step], pad[step], handles, slots.tensors(slot)
+                )
+                slots.stamps[slot] = self._sent
+                yield {"key": batch["key"], "slot": slot, "seq": self._sent}
         finally:
             for f in handles.values():
                 f.close()
+
+    def _layout(self, batch: int) -> tuple[int, int, int, bool]:
+        return batch, self.manifest.channels, self.manifest.image_size, self.with_masks
+
+    def use_slots(self, workers: int, depth: int) -> None:
+        """Give each of ``workers`` DataLoader workers ``depth`` batch buffers in shared memory,
+        made now (before the workers start); :func:`make_loader` does this and copies each batch
+        out as it arrives. ``depth`` must exceed the batches a worker can have in flight
+        (the DataLoader's ``prefetch_factor``) plus the one being copied."""
+        self._slots = _BatchSlots(workers, depth, self._layout(self.batch_size))
 
     def _read_batch(
         self,
@@ -300,16 +324,12 @@ class ShardStream(IterableDataset):
         pos: np.ndarray,
         pad: np.ndarray,
         handles: dict[int, BinaryIO],
-        shared: bool,
+        tensors: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
     ) -> dict:
-        """Read and decode one batch into its tensors (in shared memory in a worker, so that
-        handing it to the main process copies nothing). Samples are placed in plan order but
-        read in (shard, position) order: neighbours in a shard are one read, and reads within a
-        shard go forward."""
-        size, channels = self.manifest.image_size, self.manifest.channels
-        images, masks, pad_flags = _batch_tensors(
-            len(shard), channels, size, self.with_masks, shared
-        )
+        """Read and decode one batch into ``tensors`` (images, masks or None, pad flags: see
+        :func:`_batch_tensors`). Samples are placed in plan order but read in (shard, position)
+        order: neighbours in a shard are one read, and reads within a shard go forward."""
+        images, masks, pad_flags = tensors
         pad_flags.copy_(torch.from_numpy(pad))
         image_rows = images.numpy()
         mask_rows = None if masks is None else masks.numpy()[:, 0]
@@ -429,23 +449,117 @@ class ShardStream(IterableDataset):
             np.greater(mask, 0, out=mask_slot)
 
 
-def _batch_tensors(
-    batch: int, channels: int, size: int, with_masks: bool, shared: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Uninitialised images (uint8, B x C x H x W), masks (uint8, B x 1 x H x W, or None) and pad
-    flags (bool, B) of one batch, as views of one storage: in shared memory when ``shared`` (a
-    worker's batch then reaches the main process as one file descriptor, with no copy)."""
+def _batch_bytes(batch: int, channels: int, size: int, with_masks: bool) -> list[int]:
+    """Bytes of a batch's images, masks and pad flags, in the order one storage holds them."""
     pixels = size * size
-    lengths = [batch * channels * pixels, batch * pixels if with_masks else 0, batch]
-    storage = torch.empty(sum(lengths), dtype=torch.uint8)
-    if shared:
-        storage.share_memory_()
+    return [batch * channels * pixels, batch * pixels if with_masks else 0, batch]
+
+
+def _batch_tensors(
+    batch: int,
+    channels: int,
+    size: int,
+    with_masks: bool,
+    shared: bool = False,
+    storage: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Images (uint8, B x C x H x W), masks (uint8, B x 1 x H x W, or None) and pad flags (bool,
+    B) of one batch, as views of one storage: ``storage`` (uint8, 1-D, of the batch's size), or
+    a new uninitialised one, in shared memory when ``shared`` (a worker's batch then reaches the
+    main process as one file descriptor, with no copy)."""
+    lengths = _batch_bytes(batch, channels, size, with_masks)
+    if storage is None:
+        storage = torch.empty(sum(lengths), dtype=torch.uint8)
+        if shared:
+            storage.share_memory_()
     images, masks, pad = storage.split(lengths)
     return (
         images.view(batch, channels, size, size),
         masks.view(batch, 1, size, size) if with_masks else None,
         pad.view(torch.bool),
     )
+
+
+_SHM = "/dev/shm"  # where torch's shared memory lives (both sharing strategies)
+
+
+class _BatchSlots:
+    """Batch buffers in shared memory, ``depth`` per DataLoader worker, made once before the
+    workers start. A worker decodes its n-th batch into slot ``n mod depth`` of its own and sends
+    the main process the slot's number and the batch's keys only; the main process copies the
+    batch out at once (``take``). Against a new shared-memory block per batch this saves creating,
+    faulting in and mapping a block and passing its file descriptor, on both sides, every batch
+    (bench/loader.py); and the memory is claimed, and checked, before training starts (a full
+    ``/dev/shm`` otherwise stops a worker mid-epoch with torch's "unable to allocate shared
+    memory" traceback).
+
+    A slot is rewritten only after the main process has copied it: a worker has at most
+    ``prefetch_factor`` batches requested ahead of the one being copied, and ``depth`` exceeds
+    that. Each slot's stamp (the batch's sequence number, -1 while written) is checked before and
+    after the copy, so a batch overwritten while it was read would be an error, never a silent
+    mix of two batches."""
+
+    def __init__(self, workers: int, depth: int, layout: tuple[int, int, int, bool]) -> None:
+        self.depth, self.layout = depth, layout
+        self.slot_bytes = sum(_batch_bytes(*layout))
+        need = workers * depth * self.slot_bytes
+        try:
+            stat = os.statvfs(_SHM)
+            free = stat.f_bavail * stat.f_frsize
+        except OSError:  # no /dev/shm to measure: torch reports what it cannot map
+            free = need
+        if need > free:
+            mib = 2**20
+            raise UserError(
+                f"the loader needs {need / mib:,.0f} MiB of shared memory ({workers} worker(s) x "
+                f"{depth} batches of {self.slot_bytes / mib:,.1f} MiB) and {_SHM} has "
+                f"{free / mib:,.0f} MiB free: use fewer --num-workers or a smaller --batch-size, or "
+                f"give the machine more shared memory (a container: docker run --shm-size)"
+            )
+        self.storage = torch.empty(need, dtype=torch.uint8).share_memory_()
+        self.stamps = torch.full((workers * depth,), -1, dtype=torch.int64).share_memory_()
+
+    def slot(self, worker: int, n: int) -> int:
+        return worker * self.depth + n % self.depth
+
+    def tensors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        start = slot * self.slot_bytes
+        return _batch_tensors(*self.layout, storage=self.storage[start : start + self.slot_bytes])
+
+    def take(self, message: dict, pin: bool) -> dict:
+        """The batch a worker's ``message`` announces, copied out of its slot (into pinned
+        memory when ``pin``), as the dict a batch is."""
+        slot, seq = message["slot"], message["seq"]
+        start = slot * self.slot_bytes
+        storage = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin)
+        before = int(self.stamps[slot])
+        # numpy's copy, on this thread: torch's would start intra-op threads, whose spinning
+        # after the copy takes CPU from the workers (measured: 7 ms of CPU per batch, not 0.1)
+        np.copyto(storage.numpy(), self.storage[start : start + self.slot_bytes].numpy())
+        if before != seq or int(self.stamps[slot]) != seq:
+            raise RuntimeError(
+                f"loader slot {slot} was rewritten before batch {seq} was copied out of it "
+                f"(stamps {before}, {int(self.stamps[slot])}): a bug in hpc_btunet, please report it"
+            )
+        images, masks, pad = _batch_tensors(*self.layout, storage=storage)
+        batch = {"key": message["key"], "image": images, "pad": pad}
+        if masks is not None:
+            batch["mask"] = masks
+        return batch
+
+
+class _SlotLoader(DataLoader):
+    """:func:`make_loader`'s ``DataLoader``: its workers put batches in the stream's slots and
+    iteration copies each out as it arrives (:class:`_BatchSlots`)."""
+
+    pin_slots = False
+
+    def __iter__(self):
+        messages = super().__iter__()
+        slots = self.dataset._slots
+        if slots is None or self.num_workers == 0:
+            return messages
+        return (slots.take(m, self.pin_slots) for m in messages)
 
 
 class DataWait:
@@ -490,15 +604,22 @@ def make_loader(
     ``len(loader)`` is the number of batches per epoch on this rank, equal on every rank. Call
     ``loader.dataset.set_epoch(epoch)`` before each epoch (``start=k`` to begin at batch ``k``).
     Batches come in plan order for any ``num_workers``: workers take batches round-robin and the
-    DataLoader returns them in order.
+    DataLoader returns them in order. With workers, batches reach this process through slots in
+    shared memory (:class:`_BatchSlots`; ``UserError`` here if ``/dev/shm`` lacks the room) and
+    are copied out, into pinned memory with ``pin_memory``.
     """
     stream = ShardStream(root, split, batch_size=batch_size, **stream_options)
-    return DataLoader(
+    prefetch = 2
+    if num_workers > 0:
+        stream.use_slots(num_workers, depth=prefetch + 1)
+    loader = _SlotLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and num_workers == 0,  # with workers: pinned when copied out
         # workers live across epochs (no start-up per epoch) and read set_epoch's position
         persistent_workers=num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None,
+        prefetch_factor=prefetch if num_workers > 0 else None,
     )
+    loader.pin_slots = pin_memory
+    return loader

@@ -76,9 +76,16 @@ class Placement:
         )
 
 
+# The rendezvous port range: below Linux's default ephemeral range (32768-60999), from which the
+# kernel picks the local ports of outgoing connections; a port there may be taken by any client
+# connection on rank 0's node (gloo's own among them), and the rendezvous then fails with
+# EADDRINUSE. Fixed, not read from the node, so that every task derives the same port.
+PORT_RANGE = (20000, 32767)
+
+
 def _port_for(job_id: str) -> int:
     """A port every task of a job derives alike from the job id (as submitit does)."""
-    return random.Random(job_id).randint(20000, 60000)
+    return random.Random(job_id).randint(*PORT_RANGE)
 
 
 PLACEMENT_VARIABLES = (

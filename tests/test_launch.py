@@ -214,6 +214,24 @@ def test_single_process_run_leaves_the_environment_alone(monkeypatch):
     )
 
 
+def test_rendezvous_port_is_outside_the_ephemeral_range():
+    """Rank 0 listens on a port derived from the job id; one in the kernel's range for the local
+    ports of outgoing connections can be taken by any connection on the node (a flaky
+    EADDRINUSE). Every task derives the same port; ports stay below the default range and,
+    where this machine's range is readable, outside it too."""
+    from hpc_btunet.distributed import _port_for
+
+    ports = [_port_for(str(job)) for job in range(20000, 30000)]
+    assert ports == [_port_for(str(job)) for job in range(20000, 30000)], "derived alike"
+    assert max(ports) < 32768 and min(ports) >= 1024
+    assert len(set(ports)) > 5000, "spread over the range"
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except OSError:
+        return
+    assert not any(low <= p <= high for p in ports)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_debug_executor_reports_a_failing_job_without_a_debugger(toy_pack, tmp_path):

@@ -163,9 +163,10 @@ class _GlobalNorm(torch.autograd.Function):
         slices = _group_slices(x.shape[0], groups)
         local = torch.zeros(groups, 3, c, dtype=torch.float64, device=x.device)
         for g, rows in enumerate(slices):
-            if xf[rows].numel():  # a rank may hold no sample: it adds nothing
-                mean, var = torch.batch_norm_update_stats(xf[rows], None, None, 0.0)
-                count = xf[rows].numel() // c
+            part = xf[rows]
+            if part.numel():  # a rank may hold no sample: it adds nothing
+                mean, var = torch.batch_norm_update_stats(part, None, None, 0.0)
+                count = part.numel() // c
                 local[g, 0] = count
                 local[g, 1] = mean
                 local[g, 2] = var * count  # sum of squared deviations

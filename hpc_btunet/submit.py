@@ -50,7 +50,19 @@ def _add_pack(sub) -> None:
             "incomplete, and rerunning the same command completes it."
         ),
     )
-    p.add_argument("--source", default="synthetic", help="synthetic (built-in nuclei) or folder")
+    p.add_argument(
+        "--source",
+        default="synthetic",
+        help="synthetic (built-in nuclei), folder (images/ + masks/), or a public dataset as "
+        "downloaded: kdsb18, isic2018, busi, busis",
+    )
+    p.add_argument(
+        "--resize",
+        default="squash",
+        choices=["squash", "pad"],
+        help="squash: every image to SIZE x SIZE (the paper); pad: pad to a square first, keeping "
+        "the aspect ratio (the padding is recorded per sample)",
+    )
     p.add_argument("--root", type=Path, help="--source folder: folder holding images/ and masks/")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
     p.add_argument(
@@ -135,6 +147,7 @@ def _run_pack(args) -> int:
         unlabelled=args.unlabelled,
         mask_suffix=args.mask_suffix,
         group_regex=args.group_regex,
+        resize=args.resize,
     )
     m = pack(source, cfg)
     c = m.counts

@@ -226,3 +226,19 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
         (size, size), Image.Resampling.BILINEAR
     )
     return (np.asarray(resized) >= 0.5).astype(np.uint8)
+
+
+RESIZE_POLICIES = ("squash", "pad")
+
+
+def pad_to_square(array: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``array`` (HxW or HxWxC) centred on a square of zeros of side max(H, W), and the padding
+    added as (top, bottom, left, right); resizing the result keeps the aspect ratio."""
+    h, w = array.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = (top, side - h - top, left, side - w - left)
+    if side == h == w:
+        return array, pad
+    widths = [(pad[0], pad[1]), (pad[2], pad[3])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, widths), pad

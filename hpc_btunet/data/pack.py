@@ -185,7 +185,8 @@ def _write_shard(
         for sample in pool.map(load, entries):
             keys.append(sample.key)
             offsets.append(tar.offset)
-            meta = {"key": sample.key, "group": sample.group, "label": sample.label}
+            meta = {**(sample.extra or {}), "key": sample.key, "group": sample.group}
+            meta["label"] = sample.label
             members = sample_members(sample.key, sample.image, sample.mask, meta, encoding)
             for name, data in members:
                 add_member(tar, name, data)

@@ -32,6 +32,7 @@ class Sample:
     mask: np.ndarray | None
     group: str
     label: str | None = None
+    extra: dict | None = None  # more of the sample's JSON member (e.g. the padding of --resize pad)
 
 
 class Source(Protocol):

@@ -39,7 +39,25 @@ def _folder(root, channels, unlabelled, mask_suffix, group_regex, **_):
     )
 
 
-SOURCES = {"synthetic": _synthetic, "folder": _folder}
+def _public(name):
+    def factory(root, channels, resize="squash", **_):
+        from hpc_btunet.data.public import ADAPTERS
+
+        if root is None:
+            raise UserError(
+                f"--source {name} needs --root DIR (where the downloaded dataset was unpacked)"
+            )
+        return ADAPTERS[name](root, channels=channels if channels == "auto" else int(channels),
+                              resize=resize)  # fmt: skip
+
+    return factory
+
+
+SOURCES = {
+    "synthetic": _synthetic,
+    "folder": _folder,
+    **{name: _public(name) for name in ("kdsb18", "isic2018", "busi", "busis")},
+}
 
 
 def build_source(name: str, **options) -> Source:

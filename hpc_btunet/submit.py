@@ -54,7 +54,8 @@ def _add_pack(sub) -> None:
         "--source",
         default="synthetic",
         help="synthetic (built-in nuclei), folder (images/ + masks/), or a public dataset as "
-        "downloaded: kdsb18, isic2018, busi, busis",
+        "downloaded: kdsb18, isic2018, busi, busis (2-D images), brats, decathlon (NIfTI "
+        "volumes, packed as axial slices)",
     )
     p.add_argument(
         "--resize",
@@ -63,7 +64,34 @@ def _add_pack(sub) -> None:
         help="squash: every image to SIZE x SIZE (the paper); pad: pad to a square first, keeping "
         "the aspect ratio (the padding is recorded per sample)",
     )
-    p.add_argument("--root", type=Path, help="--source folder: folder holding images/ and masks/")
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="the dataset's folder (--source folder: the one holding images/ and masks/)",
+    )
+    p.add_argument(
+        "--modality",
+        help="brats, decathlon: the channel(s) to pack, comma-separated (at most 4), e.g. flair "
+        "or flair,t1ce,t2; default: flair (brats), every channel (decathlon)",
+    )
+    p.add_argument(
+        "--target",
+        help="brats: wt (whole tumour, default), tc (tumour core), et (enhancing tumour) or "
+        "label values; decathlon: label value(s) or name(s), default every non-zero label",
+    )
+    p.add_argument(
+        "--slices",
+        default="lesion",
+        help="brats, decathlon: which axial slices: lesion (those holding the target), lesion:F "
+        "(plus a fraction F of the others), all (every non-empty slice) or N (per subject, "
+        "evenly spaced over those holding the target)",
+    )
+    p.add_argument(
+        "--clip",
+        default="0.5,99.5",
+        help="brats, decathlon: per-volume intensity percentiles LO,HI (of the non-zero voxels) "
+        "clipped to before scaling to 0-255",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
     p.add_argument(
         "--num-images", type=int, default=200, help="--source synthetic: how many images"
@@ -76,7 +104,8 @@ def _add_pack(sub) -> None:
         "--channels",
         default="auto",
         choices=["auto", "1", "3"],
-        help="1 (grayscale) or 3 (RGB); auto: 1 for synthetic, 3 for a folder with colour images",
+        help="1 (grayscale) or 3 (RGB); auto: 1 for synthetic, 3 for a folder with colour images, "
+        "one per --modality for volumes",
     )
     p.add_argument(
         "--unlabelled",
@@ -115,7 +144,7 @@ def _add_pack(sub) -> None:
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="threads reading and encoding",
+        help="threads reading and encoding (processes decoding volumes)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset at --out")
     p.set_defaults(func=_run_pack)
@@ -148,6 +177,10 @@ def _run_pack(args) -> int:
         mask_suffix=args.mask_suffix,
         group_regex=args.group_regex,
         resize=args.resize,
+        modality=args.modality,
+        target=args.target,
+        slices=args.slices,
+        clip=args.clip,
     )
     m = pack(source, cfg)
     c = m.counts

@@ -21,6 +21,7 @@ import pyspng
 from PIL import Image
 
 ENCODINGS = ("png", "npy")
+_PNG_GREY_ALPHA = b"\x04"  # the IHDR colour type (byte 25 of a PNG) of 2-channel images
 _TAR_MTIME = 0  # fixed, so that packing the same data twice gives byte-identical shards
 
 
@@ -37,10 +38,14 @@ def encode_array(array: np.ndarray, encoding: str) -> bytes:
 
 def decode_array(data: bytes | memoryview, encoding: str) -> np.ndarray:
     """Decode to a uint8 array (HxW or HxWxC; npy: a read-only view of ``data``). Raises
-    ``ValueError`` or ``RuntimeError`` on data that does not decode (a flipped bit may decode:
+    ``ValueError``, ``RuntimeError`` or ``OSError`` on data that does not decode (a flipped bit may decode:
     the loader's checksum catches those)."""
-    # PNG through libspng: faster than Pillow (bench/loader.py)
-    array = pyspng.load(bytes(data)) if encoding == "png" else decode_npy(data)
+    if encoding != "png":
+        array = decode_npy(data)
+    elif bytes(data[25:26]) == _PNG_GREY_ALPHA:  # 2 channels: libspng does not decode them
+        array = np.asarray(Image.open(io.BytesIO(data)))
+    else:  # libspng: faster than Pillow (bench/loader.py)
+        array = pyspng.load(bytes(data))
     if array.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, found {array.dtype}")
     return array

@@ -238,7 +238,7 @@ _FIELDS: _Spec = {
     "package_version": (lambda v: isinstance(v, str), "a string"),
     "source": (lambda v: isinstance(v, dict), "an object"),
     "image_size": (lambda v: _is_int(v, 1), "a positive integer"),
-    "channels": (lambda v: _is_int(v) and v in (1, 3), "1 or 3"),
+    "channels": (lambda v: _is_int(v) and v in (1, 2, 3, 4), "1 to 4"),
     "encoding": (lambda v: v in ENCODINGS, " or ".join(ENCODINGS)),
     "seed": (_is_int, "an integer"),
     "fractions": (lambda v: isinstance(v, dict), "an object"),

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +43,9 @@ from hpc_btunet.errors import DataError, UserError
 from hpc_btunet.folder_lock import LOCK_NAME, FolderLock, check_unlocked
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+SCRATCH_NAME = (
+    ".pack-scratch"  # a source's spill (decoded volumes) while packing; removed at the end
+)
 MIN_IMAGE_SIZE = 16
 
 
@@ -86,7 +90,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         for p in out.iterdir()
         if not (
             SHARD_PATTERN.match(p.name)
-            or p.name in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME)
+            or p.name in (MANIFEST_NAME, JOURNAL_NAME, LOCK_NAME, SCRATCH_NAME)
             or ".tmp-" in p.name
         )
     ]
@@ -198,10 +202,40 @@ def _write_shard(
 
 
 def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) -> Manifest:
-    """Pack ``source`` into ``cfg.out``; returns the manifest written there."""
+    """Pack ``source`` into ``cfg.out``; returns the manifest written there.
+
+    A source with a ``prepare(scratch, workers)`` step (the volume adapters: each volume decoded
+    once, its slices spilled) runs it first, under the folder's lock, in ``out/.pack-scratch``;
+    if the source turns out unusable the scratch goes, and ``out`` too when this pack made it.
+    """
     out = Path(cfg.out)
     check_unlocked(out, "dataset folder")
     _check_out(out, cfg.overwrite)
+    prepare = getattr(source, "prepare", None)
+    if prepare is None:
+        entries, splits, plan = _plan(source, cfg, log)
+        with FolderLock(out, "dataset folder"):  # one pack at a time writes a dataset folder
+            return _write(source, cfg, out, entries, splits, plan, log)
+    made = not out.exists()
+    try:
+        with FolderLock(out, "dataset folder"):
+            try:
+                prepare(out / SCRATCH_NAME, cfg.workers)
+                entries, splits, plan = _plan(source, cfg, log)
+            except (DataError, UserError):
+                shutil.rmtree(out / SCRATCH_NAME, ignore_errors=True)
+                raise
+            manifest = _write(source, cfg, out, entries, splits, plan, log)
+    except (DataError, UserError):
+        if made and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(out / SCRATCH_NAME, ignore_errors=True)
+    return manifest
+
+
+def _plan(source: Source, cfg: PackConfig, log: Callable[[str], None]):
+    """Entries, validated, with their splits and the shard plan: everything before writing."""
     entries = source.entries()
     for warning in getattr(source, "warnings", []):
         log(f"warning: {warning}")
@@ -210,8 +244,7 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
     splits = make_splits(entries, cfg.splits)
     plan = _plan_shards(splits.train, "train", cfg.shard_size, cfg.splits.seed)
     plan += _plan_shards(splits.test, "test", cfg.shard_size, cfg.splits.seed)
-    with FolderLock(out, "dataset folder"):  # one pack at a time writes a dataset folder
-        return _write(source, cfg, out, entries, splits, plan, log)
+    return entries, splits, plan
 
 
 def _write(

@@ -14,6 +14,7 @@ No adapter downloads anything: the README says where each dataset comes from and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -236,23 +237,23 @@ class PairedSource:
     def _layout_message(self) -> str:
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())
         shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
-        guess = [
-            name
-            for name, cls in ADAPTERS.items()
-            if cls is not type(self) and _safe_looks(cls, self.root)
-        ]
-        hint = f"; it looks like --source {' or '.join(guess)}" if guess else ""
         return (
             f"--source {self.kind}: {self.root} does not hold the {self.kind} layout. Expected "
-            f"{self.layout}; found {shown or 'an empty folder'}{hint}"
+            f"{self.layout}; found {shown or 'an empty folder'}{layout_hint(self.root, self.kind)}"
         )
 
 
-def _safe_looks(cls, root: Path) -> bool:
-    try:
-        return cls.looks_like(root)
-    except OSError:
-        return False
+def layout_hint(root: Path, kind: str) -> str:
+    """ "; it looks like --source X" for the other adapters whose layout ``root`` has, or ""."""
+    from hpc_btunet.data.volume import ADAPTERS as VOLUME_ADAPTERS
+
+    guess = []
+    for name, cls in {**ADAPTERS, **VOLUME_ADAPTERS}.items():
+        if name != kind:
+            with contextlib.suppress(OSError):
+                if cls.looks_like(root):
+                    guess.append(name)
+    return f"; it looks like --source {' or '.join(guess)}" if guess else ""
 
 
 _FIXES = {

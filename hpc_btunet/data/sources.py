@@ -53,10 +53,26 @@ def _public(name):
     return factory
 
 
+def _volume(name):
+    def factory(root, channels, resize="squash", seed=0, modality=None, target=None,
+                slices="lesion", clip="0.5,99.5", **_):  # fmt: skip
+        from hpc_btunet.data.volume import ADAPTERS
+
+        if root is None:
+            raise UserError(
+                f"--source {name} needs --root DIR (where the downloaded dataset was unpacked)"
+            )
+        return ADAPTERS[name](root, modality=modality, target=target, slices=slices, clip=clip,
+                              channels=channels, resize=resize, seed=seed)  # fmt: skip
+
+    return factory
+
+
 SOURCES = {
     "synthetic": _synthetic,
     "folder": _folder,
     **{name: _public(name) for name in ("kdsb18", "isic2018", "busi", "busis")},
+    **{name: _volume(name) for name in ("brats", "decathlon")},
 }
 
 

@@ -81,7 +81,7 @@ MALFORMED = {
     "counts wrong": (lambda c: c["counts"].update(total=0), "counts"),
     "encoding unknown": (lambda c: c.update(encoding="jpg"), "encoding must be png or npy"),
     "image size a boolean": (lambda c: c.update(image_size=True), "image_size must be"),
-    "channels 2": (lambda c: c.update(channels=2), "channels must be 1 or 3"),
+    "channels 5": (lambda c: c.update(channels=5), "channels must be 1 to 4"),
     "field missing": (lambda c: c.pop("groups"), "lacks groups"),
     "field unknown": (lambda c: c.update(extra=1), "unknown field(s) extra"),
 }

@@ -158,7 +158,7 @@ def test_brats_flat_layout_pad_and_resize(tmp_path):
     names = write_brats_tree(root, subjects=4, shape=(40, 24, 10), layout="flat", seed=1)
     m = _pack(BratsSource(root, resize="pad", slices="2"), tmp_path / "out", image_size=16)
     assert set(m.groups.values()) == set(names)
-    for key, (image, mask, meta) in _samples(tmp_path / "out", m).items():
+    for image, mask, meta in _samples(tmp_path / "out", m).values():
         assert image.shape == (16, 16) and mask.shape == (16, 16)
         # RAS+ axial slice of a 40 (x) by 24 (y) grid: 24 rows, 40 columns, padded to 40 x 40
         assert meta["size"] == [24, 40] and meta["pad"] == [8, 8, 0, 0]

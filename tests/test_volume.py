@@ -371,3 +371,14 @@ def test_cli_packs_brats_and_refuses_a_bad_tree_without_traceback(brats_tree, tm
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"{name}_seg.nii.gz" in done.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_whole_gzip_of_several_members_is_accepted(brats_tree, tmp_path):
+    root = _copy_tree(brats_tree[0], tmp_path / "tree")
+    name = brats_tree[1][0]
+    path = root / "HGG" / name / f"{name}_flair.nii.gz"
+    raw = gzip.decompress(path.read_bytes())
+    half = len(raw) // 2
+    path.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))  # as pigz may write
+    m = _pack(BratsSource(root), tmp_path / "out")
+    assert any(m.groups[k] == name for k in m.groups)

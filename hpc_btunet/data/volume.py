@@ -41,7 +41,7 @@ import tempfile
 import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,6 @@ class _Options:
     clip: tuple[float, float]
     seed: int
     scratch: str = ""
-    fix: dict[str, str] = field(default_factory=dict)
 
 
 def _nib():
@@ -242,8 +241,8 @@ def check_header(subject: Subject) -> list[tuple[str, Path, str]]:
         return out
     lshape, laffine = grids[subject.label]
     if len(lshape) != 3:
-        out.append(("volume of the wrong shape", subject.label, f"a label map must be 3-D, "
-                                                                   f"found shape {lshape}"))  # fmt: skip
+        shape = "x".join(map(str, lshape))
+        out.append(("volume of the wrong shape", subject.label, f"a label map is 3-D, not {shape}"))
     for ch in subject.channels:
         shape, affine = grids[ch.path]
         want = 4 if ch.index is not None else 3
@@ -253,23 +252,20 @@ def check_header(subject: Subject) -> list[tuple[str, Path, str]]:
                 ("volume of the wrong shape", ch.path, f"expected {what}, found shape {shape}")
             )
             continue
-        if shape[:3] != lshape[:3] or not np.allclose(affine, laffine, rtol=1e-4, atol=1e-3):
-            grid = f"{'x'.join(map(str, shape[:3]))}" if shape[:3] != lshape[:3] else "its affine"
-            out.append(
-                (
-                    "label grid differs from image",
-                    subject.label,
-                    f"{'x'.join(map(str, lshape[:3]))} vs {ch.path.name}'s {grid}"
-                    if shape[:3] != lshape[:3]
-                    else f"its affine differs from {ch.path.name}'s",
-                )
-            )
+        if shape[:3] != lshape[:3]:
+            grid = f"{'x'.join(map(str, lshape[:3]))}, {ch.path.name} is {'x'.join(map(str, shape[:3]))}"
+        elif not np.allclose(affine, laffine, rtol=1e-4, atol=1e-3):
+            grid = f"its affine differs from {ch.path.name}'s"
+        else:
+            continue
+        out.append(("label grid differs from image", subject.label, grid))
     return list(dict.fromkeys(out))
 
 
 def _gzip_truncated(path: Path) -> str | None:
-    """Why a ``.gz`` file cannot be whole, from its header and trailer alone: the trailer records
-    the uncompressed size mod 2^32, which a NIfTI header fixes; a cut file ends inside the data."""
+    """Why a ``.gz`` file cannot be whole. Its trailer records the uncompressed size mod 2^32,
+    which the NIfTI header fixes: a whole file is confirmed without inflating it; a mismatch (a
+    cut file ends inside the data) is confirmed by inflating."""
     if not path.name.endswith(".gz"):
         return None
     try:
@@ -284,8 +280,14 @@ def _gzip_truncated(path: Path) -> str | None:
     except (OSError, EOFError, zlib.error, struct.error) as e:
         return _reason(e)
     expected = _nifti_bytes(header)
-    if expected is not None and isize != expected % 2**32:
-        return f"ends early (cut download?): its trailer says {isize} bytes, the header {expected}"
+    if expected is None or isize == expected % 2**32:
+        return None
+    try:  # a file of several gzip members has its last member's size there: inflate to be sure
+        with gzip.open(path, "rb") as g:
+            while g.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        return f"ends early (cut download?): {_reason(e)}"
     return None
 
 

@@ -22,10 +22,10 @@ from tqdm import tqdm
 from hpc_btunet.data.imageio import (
     IMAGE_SUFFIXES,
     ImageReadError,
-    binarise_mask,
     is_colour,
     is_image_file,
     read_image,
+    read_mask,
     resize_image,
     resize_mask,
     to_channels,
@@ -325,7 +325,7 @@ class FolderSource:
         image = resize_image(to_uint8(to_channels(read_image(f.image), self.channels)), image_size)
         mask = None
         if f.mask is not None:
-            mask = resize_mask(binarise_mask(read_image(f.mask)), image_size)
+            mask = resize_mask(read_mask(f.mask), image_size)
         elif not self.unlabelled:
             fix = _FIXES["missing mask"].format(mask_suffix=self.mask_suffix, orphan_note="")
             raise DataError(f"{f.image} has no mask; {fix}")

@@ -187,13 +187,25 @@ def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     return gray.astype(array.dtype)
 
 
-def binarise_mask(array: np.ndarray) -> np.ndarray:
-    """Foreground where any channel is > 0 (an alpha channel, as in LA or RGBA, is ignored)."""
-    if array.ndim == 3:
-        if array.shape[2] in (2, 4):
-            array = array[:, :, :-1]
-        return np.any(array > 0, axis=2)
-    return array > 0
+LOSSY_SUFFIXES = frozenset({".jpg", ".jpeg"})
+
+
+def binarise_mask(array: np.ndarray, lossy: bool = False) -> np.ndarray:
+    """Foreground where any channel is > 0 (an alpha channel, as in LA or RGBA, is ignored), or
+    with ``lossy`` (a JPEG mask, whose compression rings around edges) >= half the range."""
+    if array.ndim == 3 and array.shape[2] in (2, 4):
+        array = array[:, :, :-1]
+    if lossy:
+        top = np.iinfo(array.dtype).max if array.dtype.kind in "ui" else float(array.max() or 1)
+        fg = array >= (top + 1) / 2
+    else:
+        fg = array > 0
+    return np.any(fg, axis=2) if fg.ndim == 3 else fg
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as booleans (``binarise_mask``; JPEG masks thresholded at half the range)."""
+    return binarise_mask(read_image(path), lossy=Path(path).suffix.lower() in LOSSY_SUFFIXES)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -31,11 +31,11 @@ from hpc_btunet.data.folder import sanitise_key
 from hpc_btunet.data.imageio import (
     RESIZE_POLICIES,
     ImageReadError,
-    binarise_mask,
     is_colour,
     is_image_file,
     pad_to_square,
     read_image,
+    read_mask,
     resize_image,
     resize_mask,
     to_channels,
@@ -307,7 +307,7 @@ def _mask_of(item: Item, hw: tuple[int, int]) -> np.ndarray:
     """The union of a sample's mask files (or run-length masks), uint8 {0, 1}, HxW."""
     mask = np.zeros(hw, np.uint8)
     for path in item.masks:
-        one = binarise_mask(read_image(path))
+        one = read_mask(path)
         if one.shape != hw:
             raise DataError(f"{path}: mask is {one.shape}, its image {item.image} is {hw}")
         mask |= one

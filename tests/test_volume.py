@@ -165,7 +165,9 @@ def test_brats_flat_layout_pad_and_resize(tmp_path):
         assert "grade" not in meta
 
 
-def test_each_volume_is_decoded_once_and_a_rerun_reuses_the_spill(brats_tree, tmp_path, monkeypatch):
+def test_each_volume_is_decoded_once_and_a_rerun_reuses_the_spill(
+    brats_tree, tmp_path, monkeypatch
+):
     root, names = brats_tree
     decoded = []
     real = nibabel.as_closest_canonical
@@ -177,9 +179,9 @@ def test_each_volume_is_decoded_once_and_a_rerun_reuses_the_spill(brats_tree, tm
     monkeypatch.setattr(nibabel, "as_closest_canonical", counting)
     source = BratsSource(root, modality="flair,t2")
     source.prepare(tmp_path / "out" / SCRATCH_NAME, workers=2)  # as a killed pack leaves it
-    assert sorted(decoded) == sorted(
-        str(f) for s in source.subjects() for f in s.files()
-    ), "every file decoded exactly once"
+    assert sorted(decoded) == sorted(str(f) for s in source.subjects() for f in s.files()), (
+        "every file decoded exactly once"
+    )
     decoded.clear()
     m = _pack(BratsSource(root, modality="flair,t2"), tmp_path / "out", workers=2)
     assert decoded == [] and m.channels == 2
@@ -270,7 +272,9 @@ def test_missing_modality_grid_mismatch_and_bad_labels_are_named_together(brats_
     a, b, c = brats_tree[1][:3]
     (root / "HGG" / a / f"{a}_flair.nii.gz").unlink()
     seg = _seg(root, b)
-    nibabel.save(nibabel.Nifti1Image(seg[:, :, :-1], affine(SHAPE)), root / "LGG" / b / f"{b}_seg.nii.gz")
+    nibabel.save(
+        nibabel.Nifti1Image(seg[:, :, :-1], affine(SHAPE)), root / "LGG" / b / f"{b}_seg.nii.gz"
+    )
     text = _fails(
         BratsSource(root),
         tmp_path / "out",
@@ -295,7 +299,9 @@ def test_missing_modality_grid_mismatch_and_bad_labels_are_named_together(brats_
 def test_wrong_source_and_empty_tree(brats_tree, tmp_path):
     dec = tmp_path / "Task01"
     write_decathlon_tree(dec, cases=2, shape=SHAPE)
-    _fails(BratsSource(dec), tmp_path / "out", "does not hold the brats layout", "--source decathlon")
+    _fails(
+        BratsSource(dec), tmp_path / "out", "does not hold the brats layout", "--source decathlon"
+    )
     _fails(DecathlonSource(brats_tree[0]), tmp_path / "out", "dataset.json", "--source brats")
     (tmp_path / "empty").mkdir()
     _fails(BratsSource(tmp_path / "empty"), tmp_path / "out", "an empty folder")

@@ -59,6 +59,16 @@ def run_pack(tree: Path, out: Path, workers: int, modality: str, image_size: int
     return {"wall": wall, "peak": peak[0], "slices": slices}
 
 
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--subjects", type=int, default=30)
@@ -81,7 +91,7 @@ def main() -> None:
         f.read_bytes()  # warm the page cache
     print(
         f"tree: {args.tree} ({args.subjects} subjects, {size / 2**20:.0f} MiB); "
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{_cpu()}, {psutil.cpu_count()} cores, "
         f"image size {args.image_size}"
     )
     print("| modality | workers | wall s | s / subject | slices | peak memory |")

@@ -368,7 +368,10 @@ def _run_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+_DATA_COMMANDS = ("pack", "verify")  # need no torch: their parser is built without the job commands
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-btunet",
         description="Barlow Twins pre-training and U-Net fine-tuning for biomedical segmentation, on SLURM or locally.",
@@ -378,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_pack(sub)
     _add_verify(sub)
-    _add_jobs(sub)
+    if (
+        command not in _DATA_COMMANDS
+    ):  # the job commands' options come from configs that import torch
+        _add_jobs(sub)
     return parser
 
 
@@ -393,7 +399,8 @@ def _stopped(command: str, why: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         with terminating_signals_interrupt():
             return args.func(args)

@@ -1,5 +1,6 @@
 import json
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -195,3 +196,16 @@ def test_manifest_records_groups_and_unlabelled(toy_pack):
     raw = json.loads((out / MANIFEST_NAME).read_text())
     assert raw["folds"] == m.folds and raw["labelled"] == m.labelled
     assert unl.isdisjoint(m.labelled) and unl.isdisjoint(m.splits["test"])
+
+
+def test_pack_and_verify_start_without_importing_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from hpc_btunet.submit import main\n"
+        f"assert main(['pack', '--num-images', '12', '--image-size', '32', '--out', {str(tmp_path / 'd')!r},"
+        " '--folds', '2', '--labelled-fraction', '0.5']) == 0\n"
+        f"assert main(['verify', '--data', {str(tmp_path / 'd')!r}]) == 0\n"
+        "assert 'torch' not in sys.modules, 'pack imported torch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

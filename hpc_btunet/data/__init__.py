@@ -1,18 +1,36 @@
-"""Datasets: sources (adapters), packing into WebDataset shards, the manifest and the loader."""
+"""Datasets: sources (adapters), packing into WebDataset shards, the manifest and the loader.
 
-from hpc_btunet.data.loader import DataWait, ShardStream, make_loader, plan_epoch
-from hpc_btunet.data.manifest import Manifest, load_manifest, verify_shards
-from hpc_btunet.data.sample import Entry, Sample, Source
+The names below are imported on first use, so that ``pack`` (which needs no torch) starts
+without importing torch.
+"""
 
-__all__ = [
-    "DataWait",
-    "Entry",
-    "Manifest",
-    "Sample",
-    "ShardStream",
-    "Source",
-    "load_manifest",
-    "make_loader",
-    "plan_epoch",
-    "verify_shards",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "DataWait": "loader",
+    "ShardStream": "loader",
+    "make_loader": "loader",
+    "plan_epoch": "loader",
+    "Manifest": "manifest",
+    "load_manifest": "manifest",
+    "verify_shards": "manifest",
+    "Entry": "sample",
+    "Sample": "sample",
+    "Source": "sample",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -17,8 +17,8 @@ import os
 import re
 import shutil
 import tarfile
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,15 +178,27 @@ def _still_valid(path: Path, info: ShardInfo, keys: list[str]) -> bool:
     )
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) -> Iterator:
+    """``pool.map(fn, items)`` in order, with at most ``limit`` results in flight
+    (``Executor.map`` submits them all: a shard's decoded samples would all sit in memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= limit:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _write_shard(
-    path: Path, entries: list[Entry], load: Callable, encoding: str, pool, bar
+    path: Path, entries: list[Entry], load: Callable, encoding: str, pool, pool_size: int, bar
 ) -> ShardInfo:
     keys, offsets, checksums = [], [], []
     with (
         atomic_open(path, "wb") as f,
         tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for sample in pool.map(load, entries):
+        for sample in _bounded_map(pool, load, entries, 4 * pool_size):
             keys.append(sample.key)
             offsets.append(tar.offset)
             meta = {**(sample.extra or {}), "key": sample.key, "group": sample.group}
@@ -286,7 +298,7 @@ def _write(
             if name in done:
                 continue
             infos[name] = _write_shard(
-                out / name, [by_key[k] for k in keys], load, cfg.encoding, pool, bar
+                out / name, [by_key[k] for k in keys], load, cfg.encoding, pool, cfg.workers, bar
             )
             journal = {
                 "fingerprint": fingerprint,

@@ -312,16 +312,20 @@ def _reason(exc: BaseException) -> str:
 
 
 def _normalise(volume: np.ndarray, clip: tuple[float, float]) -> np.ndarray:
-    """uint8 of a volume clipped to the percentiles ``clip`` of its non-zero voxels (all voxels
-    when none is zero) and scaled to 0-255."""
+    """uint8 of a float32 volume clipped to the percentiles ``clip`` of its non-zero voxels (all
+    voxels when none is zero) and scaled to 0-255; ``volume`` is overwritten."""
     inside = volume[volume != 0]
     if inside.size == 0:
         return np.zeros(volume.shape, np.uint8)
     lo, hi = np.percentile(inside, clip)
+    del inside
     if hi <= lo:
         hi = lo + 1
-    scaled = (np.clip(volume, lo, hi) - lo) * (255.0 / (hi - lo))
-    return np.rint(scaled).astype(np.uint8)
+    np.clip(volume, lo, hi, out=volume)  # in place: one float32 volume per thread, no more
+    volume -= lo
+    volume *= 255.0 / (hi - lo)
+    np.rint(volume, out=volume)
+    return volume.astype(np.uint8)
 
 
 def _axial(volume: np.ndarray) -> np.ndarray:
@@ -347,11 +351,13 @@ def spill_subject(subject: Subject, opts: _Options) -> tuple[Spill | None, list]
     try:
         seg_img = nib.as_closest_canonical(nib.load(subject.label))
         seg = np.asarray(seg_img.dataobj)
-        labels = np.rint(seg).astype(np.int64) if seg.dtype.kind == "f" else seg.astype(np.int64)
     except Exception as e:
         return None, [("unreadable volume", subject.label, _reason(e))]
-    if seg.dtype.kind == "f" and not np.array_equal(labels, seg):
-        problems.append(("unexpected label values", subject.label, "non-integer label values"))
+    labels = seg
+    if seg.dtype.kind == "f":
+        labels = np.rint(seg).astype(np.int32)
+        if not np.array_equal(labels, seg):
+            problems.append(("unexpected label values", subject.label, "non-integer values"))
     values = set(np.unique(labels).tolist())
     if opts.allowed is not None and not values <= opts.allowed:
         bad = sorted(values - opts.allowed)
@@ -370,7 +376,7 @@ def spill_subject(subject: Subject, opts: _Options) -> tuple[Spill | None, list]
         try:
             img = nib.as_closest_canonical(nib.load(ch.path))
             data = img.dataobj if ch.index is None else img.dataobj[..., ch.index]
-            volume = np.asarray(data, dtype=np.float32)
+            volume = np.array(data, dtype=np.float32)  # a private copy: normalised in place
         except Exception as e:
             problems.append(("unreadable volume", ch.path, _reason(e)))
             continue

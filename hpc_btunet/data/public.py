@@ -62,6 +62,13 @@ class Item:
     rle: tuple[str, ...] = ()
 
 
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 class Problems:
     """Problems of a dataset by kind, each kind with its fix, raised together as one DataError."""
 
@@ -75,10 +82,7 @@ class Problems:
         self.fixes[kind] = fix
 
     def rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+        return _relative(path, self.root)
 
     def raise_if_any(self) -> None:
         if not self.lines:
@@ -229,18 +233,20 @@ class PairedSource:
         return self._items[entry.key]
 
     def _rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+        return _relative(path, self.root)
 
     def _layout_message(self) -> str:
-        found = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())
-        shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
-        return (
-            f"--source {self.kind}: {self.root} does not hold the {self.kind} layout. Expected "
-            f"{self.layout}; found {shown or 'an empty folder'}{layout_hint(self.root, self.kind)}"
-        )
+        return layout_message(self.root, self.kind, self.layout)
+
+
+def layout_message(root: Path, kind: str, layout: str) -> str:
+    """The wrong-layout error: what was expected, what was found, and which source it looks like."""
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+    return (
+        f"--source {kind}: {root} does not hold the {kind} layout. Expected {layout}; found "
+        f"{shown or 'an empty folder'}{layout_hint(root, kind)}"
+    )
 
 
 def layout_hint(root: Path, kind: str) -> str:

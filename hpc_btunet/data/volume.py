@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
 from hpc_btunet.data.imageio import RESIZE_POLICIES, pad_to_square, resize_image, resize_mask
-from hpc_btunet.data.public import Problems, layout_hint
+from hpc_btunet.data.public import Problems, layout_message
 from hpc_btunet.data.sample import Entry, Sample
 from hpc_btunet.errors import DataError, UserError
 
@@ -624,12 +624,7 @@ class VolumeSource:
         return self._maps[key]
 
     def _layout_message(self) -> str:
-        found = sorted(p.name + ("/" if p.is_dir() else "") for p in self.root.iterdir())
-        shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
-        return (
-            f"--source {self.kind}: {self.root} does not hold the {self.kind} layout. Expected "
-            f"{self.layout}; found {shown or 'an empty folder'}{layout_hint(self.root, self.kind)}"
-        )
+        return layout_message(self.root, self.kind, self.layout)
 
 
 def _nifti_file(folder: Path, stem: str) -> Path | None:

@@ -388,3 +388,19 @@ def test_a_whole_gzip_of_several_members_is_accepted(brats_tree, tmp_path):
     path.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))  # as pigz may write
     m = _pack(BratsSource(root), tmp_path / "out")
     assert any(m.groups[k] == name for k in m.groups)
+
+
+def test_case_names_outside_the_key_alphabet_become_keys_and_stay_groups(tmp_path):
+    root = tmp_path / "Task"
+    write_decathlon_tree(root, cases=3, shape=SHAPE)
+    for part in ("imagesTr", "labelsTr"):
+        (root / part / "BRATS_001.nii.gz").rename(root / part / "BRATS 001.v2.nii.gz")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0] = {"image": "./imagesTr/BRATS 001.v2.nii.gz",
+                           "label": "./labelsTr/BRATS 001.v2.nii.gz"}  # fmt: skip
+    (root / "dataset.json").write_text(json.dumps(meta))
+    m = _pack(DecathlonSource(root), tmp_path / "out", folds=2, test=0.3)
+    keys = [k for k, g in m.groups.items() if g == "BRATS 001.v2"]
+    assert keys and all(k.startswith("BRATS_001_v2_") for k in keys)
+    samples = _samples(tmp_path / "out", m)
+    assert {samples[k][2]["subject"] for k in keys} == {"BRATS 001.v2"}

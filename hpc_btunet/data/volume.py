@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
+from hpc_btunet.data.folder import sanitise_key
 from hpc_btunet.data.imageio import RESIZE_POLICIES, pad_to_square, resize_image, resize_mask
 from hpc_btunet.data.public import Problems, layout_message
 from hpc_btunet.data.sample import Entry, Sample
@@ -546,7 +547,7 @@ class VolumeSource:
         for s in self.subjects():
             spill = self._spills[s.name]
             for k, abnormal in zip(spill.slices, spill.abnormal, strict=True):
-                key = f"{s.name}_{k:03d}"
+                key = f"{sanitise_key(s.name)}_{k:03d}"
                 out.append(Entry(key, s.name, True, "abnormal" if abnormal else "normal"))
         if not out:
             raise DataError(
@@ -560,12 +561,12 @@ class VolumeSource:
         """Nothing left to check: ``prepare`` read every file."""
 
     def load(self, entry: Entry, image_size: int) -> Sample:
-        subject, k = entry.key.rsplit("_", 1)
+        subject, k = entry.group, int(entry.key.rsplit("_", 1)[1])  # the group is the subject
         spill = self._spills[subject]
-        j = spill.slices.index(int(k))
+        j = spill.slices.index(k)
         image = np.array(self._map(spill, "image")[j])  # H, W, C
         mask = np.array(self._map(spill, "mask")[j])
-        extra = {"subject": subject, "slice": int(k)}
+        extra = {"subject": subject, "slice": k}
         if spill.grade:
             extra["grade"] = spill.grade
         if self.resize == "pad":

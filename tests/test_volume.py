@@ -332,6 +332,7 @@ def test_decathlon_partial_download_and_bad_json(tmp_path):
         ({"modality": "pd"}, "--modality 'pd'"),
         ({"target": "xx"}, "--target 'xx'"),
         ({"target": "0"}, "other than 0"),
+        ({"target": "9"}, "no label 9; its labels are 1, 2, 3, 4"),
         ({"channels": 3}, "--channels 3 does not match --modality flair"),
     ],
 )

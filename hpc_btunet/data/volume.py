@@ -133,8 +133,11 @@ def parse_clip(text: str | tuple) -> tuple[float, float]:
     return lo, hi
 
 
-def _parse_values(text: str, what: str, names: dict[str, int] | None = None) -> tuple[int, ...]:
-    """``"1,4"`` (or label names of ``names``) as a sorted tuple of label values."""
+def _parse_values(
+    text: str, what: str, names: dict[str, int] | None = None, allowed: frozenset | None = None
+) -> tuple[int, ...]:
+    """``"1,4"`` (or label names of ``names``) as a sorted tuple of label values, each one of
+    ``allowed`` when given."""
     values = set()
     for part in str(text).split(","):
         part = part.strip()
@@ -147,6 +150,12 @@ def _parse_values(text: str, what: str, names: dict[str, int] | None = None) -> 
             raise UserError(f"--target {text!r}: {part!r} is not {what}{known}")
     if not values or 0 in values:
         raise UserError(f"--target {text!r} must name label values other than 0 (background)")
+    if allowed is not None and not values <= allowed:
+        unknown = ", ".join(map(str, sorted(values - allowed)))
+        raise UserError(
+            f"--target {text!r}: the dataset has no label {unknown}; its labels are "
+            f"{', '.join(map(str, sorted(allowed - {0})))}"
+        )
     return tuple(sorted(values))
 
 
@@ -667,7 +676,7 @@ class BratsSource(VolumeSource):
         target = (self._target_arg or "wt").lower()
         if target in BRATS_TARGETS:
             return BRATS_TARGETS[target]
-        return _parse_values(target, "wt, tc, et or a label value (1, 2, 4)")
+        return _parse_values(target, "wt, tc, et or a label value (1, 2, 4)", None, BRATS_LABELS)
 
     @classmethod
     def looks_like(cls, root: Path) -> bool:
@@ -795,7 +804,9 @@ class DecathlonSource(VolumeSource):
     def target_values(self) -> tuple[int, ...] | None:
         if not self._target_arg:
             return None
-        return _parse_values(self._target_arg, "a label value or name", self._label_names())
+        return _parse_values(
+            self._target_arg, "a label value or name", self._label_names(), self.allowed
+        )
 
     @property
     def allowed(self) -> frozenset[int] | None:  # type: ignore[override]

@@ -86,16 +86,23 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), with_config: bool = True
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    with_config: bool = True,
+    only: tuple[str, ...] | None = None,
+    prefix: str = "",
 ) -> None:
     """Add one flag per field of ``cls``; defaults are shown in ``--help`` but parsed as None,
-    so that ``resolve`` can tell a flag given on the command line from a default."""
+    so that ``resolve`` can tell a flag given on the command line from a default. With
+    ``prefix`` (e.g. ``"pretrain"``) field ``epochs`` becomes ``--pretrain-epochs`` (dest
+    ``pretrain_epochs``): one stage's options beside another's in one command."""
     if with_config:
         parser.add_argument(
             "--config", type=Path, help="YAML file with any of the options below (flags win)"
         )
     for f, tp, _ in _fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         help_text = f.metadata.get("help", "")
         default = (
@@ -105,7 +112,8 @@ def add_arguments(
             if f.default_factory is not dataclasses.MISSING
             else None
         )
-        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        dest = f"{prefix}_{f.name}" if prefix else f.name
+        kw: dict[str, Any] = {"dest": dest, "default": None}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
@@ -118,7 +126,7 @@ def add_arguments(
         help_text += f" ({bounds})" if bounds else ""
         if default is not None and "default" not in help_text:  # said once, or not at all
             help_text += f" (default: {default})"
-        parser.add_argument(_flag(f.name), help=help_text, **kw)
+        parser.add_argument(_flag(dest), help=help_text, **kw)
 
 
 def _coerce(cls: type, name: str, value: Any, tp: type, optional: bool) -> Any:

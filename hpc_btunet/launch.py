@@ -243,8 +243,18 @@ def check_slurm_request(cfg: LaunchConfig) -> None:
                 )
 
 
-def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor | None:
-    """The submitit executor of ``cfg``; None for ``debug``, which runs jobs in this process."""
+def make_executor(
+    cfg: LaunchConfig,
+    stage: str,
+    dependency: str | None = None,
+    kill_on_invalid_dep: bool = False,
+    check: bool = True,
+) -> submitit.Executor | None:
+    """The submitit executor of ``cfg``; None for ``debug``, which runs jobs in this process.
+    On SLURM, ``dependency`` (an sbatch ``--dependency`` value) replaces the one ``--after``
+    gives, ``kill_on_invalid_dep`` cancels a job whose dependency can no longer be satisfied
+    (instead of leaving it pending for good), and ``check=False`` skips asking SLURM (a dry
+    run)."""
     folder = Path(cfg.logs) / stage / "%j"  # submitit writes array tasks as <array id>_<task>
     if cfg.executor == "debug":
         return None
@@ -265,8 +275,14 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor | None:
             timeout_min=cfg.timeout_min, tasks_per_node=cfg.tasks_per_node, setup=setup
         )
         return executor
-    check_slurm_request(cfg)
+    if check:
+        check_slurm_request(cfg)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    if dependency is None and cfg.after:
+        dependency = f"afterok:{cfg.after.replace(',', ':')}"
+    extra = dict(cfg.extra)
+    if kill_on_invalid_dep:
+        extra["kill-on-invalid-dep"] = "yes"
     params: dict[str, Any] = {
         "name": cfg.job_name or f"hpc-btunet-{stage}",
         "nodes": cfg.nodes,
@@ -286,12 +302,73 @@ def make_executor(cfg: LaunchConfig, stage: str) -> submitit.Executor | None:
         "slurm_qos": cfg.qos,
         "slurm_constraint": cfg.constraint,
         "slurm_array_parallelism": cfg.array_parallelism,
-        "slurm_dependency": f"afterok:{cfg.after.replace(',', ':')}" if cfg.after else None,
-        "slurm_additional_parameters": cfg.extra or None,
+        "slurm_dependency": dependency or None,
+        "slurm_additional_parameters": extra or None,
     }
     params |= {k: v for k, v in optional.items() if v is not None}
     executor.update_parameters(**params)
     return executor
+
+
+def sbatch_script(executor: submitit.Executor, tasks: int) -> str:
+    """The sbatch script ``executor`` would submit for ``tasks`` calls (an array when more than
+    one), without submitting it: what a dry run shows. Built by submitit's own template."""
+    from submitit.slurm.slurm import _make_sbatch_string  # the template sbatch is given
+
+    inner = executor._executor  # AutoExecutor wraps the SlurmExecutor
+    params = dict(inner.parameters)
+    if tasks > 1:
+        params["map_count"] = tasks
+    return _make_sbatch_string(command=inner._submitit_command_str, folder=inner.folder, **params)
+
+
+def slurm_submit(executor: submitit.Executor, fn: Callable, configs: Sequence) -> list:
+    """Submit ``Job(fn)(c)`` for each config, as one array when several; SLURM's refusal (a
+    dependency it rejects, a request it cannot satisfy) becomes one ``UserError`` with its
+    words."""
+    job_fn = Job(fn)
+    try:
+        with executor.batch():
+            jobs = [executor.submit(job_fn, c) for c in configs]
+    except submitit.core.utils.FailedJobError as e:  # sbatch's stderr is its message
+        raise UserError(f"SLURM refused the submission: {str(e).strip()}") from None
+    return jobs
+
+
+def update_dependency(job_id: str, dependency: str) -> str | None:
+    """Give one pending job (or array task) another dependency (``""``: none); SLURM splits an
+    array task off its array record for it. Returns SLURM's complaint, or None."""
+    done = _slurm("scontrol", "update", f"JobId={job_id}", f"Dependency={dependency}")
+    if done.returncode == 0:
+        return None
+    return (done.stderr or done.stdout).strip() or f"scontrol exited with {done.returncode}"
+
+
+def slurm_queue(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """SLURM's view of the given jobs still in its queue, one entry per job or array task
+    (``"123"``, ``"124_3"``): state, reason and restart count. Jobs SLURM has forgotten are
+    absent; {} without SLURM."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    arrays = sorted({str(j).split("_")[0] for j in job_ids})
+    fields = "ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,RestartCnt:|"
+    done = _slurm("squeue", "-h", "-r", "-j", ",".join(arrays), "-O", fields)
+    if done.returncode != 0:  # one id SLURM no longer knows fails the whole call: ask one by one
+        lines = []
+        for array in arrays:
+            one = _slurm("squeue", "-h", "-r", "-j", array, "-O", fields)
+            lines += one.stdout.splitlines() if one.returncode == 0 else []
+    else:
+        lines = done.stdout.splitlines()
+    queue = {}
+    for line in lines:
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 5:
+            continue
+        array, task, state, reason, restarts = parts[:5]
+        key = array if task in ("N/A", "") else f"{array}_{task}"
+        queue[key] = {"state": state, "reason": reason, "restarts": restarts}
+    return queue
 
 
 class Job:
@@ -429,10 +506,8 @@ def submit(
         return results
     array = len(todo) > 1 and cfg.executor == "slurm"
     executor = make_executor(cfg, stage)
-    job_fn = Job(fn)
     if cfg.executor == "slurm":
-        with executor.batch():
-            jobs = [executor.submit(job_fn, configs[i]) for i in todo]
+        jobs = slurm_submit(executor, fn, [configs[i] for i in todo])
         first = jobs[0].job_id.split("_")[0]
         what = f"array job {first} of {len(jobs)} task(s)" if array else f"job {first}"
         print(
@@ -453,7 +528,7 @@ def submit(
     return _run_here(
         executor,
         stage,
-        job_fn,
+        Job(fn),
         [configs[i] for i in todo],
         [labels[i] for i in todo],
         parallel,
@@ -463,23 +538,55 @@ def submit(
 def _run_here(
     executor, stage: str, fn: Callable, configs: list, labels: list[str], parallel: int
 ) -> list:
-    """The local executor: run at most ``parallel`` jobs at once on this machine and wait (the
-    jobs are child processes of this command; the command line stops them if it is stopped)."""
+    """The local executor: run at most ``parallel`` jobs at once on this machine and wait; the
+    first failure stops the command (which stops the other jobs)."""
+    outcomes = run_local(executor, stage, fn, configs, labels, parallel, stop_on_failure=True)
+    return [job for job, _ in outcomes]
+
+
+def run_local(
+    executor,
+    stage: str,
+    fn: Callable,
+    configs: list,
+    labels: list[str],
+    parallel: int,
+    stop_on_failure: bool = False,
+    started: Callable[[int, Any], None] = lambda i, job: None,
+    poll: Callable[[], None] = lambda: None,
+) -> list[tuple[Any, str | None]]:
+    """Run ``fn(c)`` for each config as local jobs, at most ``parallel`` at once (the jobs are
+    child processes of this command; the command line stops them if it is stopped). Returns per
+    config (job, None) or (job, the failure's message); with ``stop_on_failure`` the first
+    failure is raised instead. ``started(i, job)`` is called as each job starts and ``poll()``
+    about twice a second while jobs run (progress lines)."""
     jobs: list = [None] * len(configs)
+    outcomes: list = [None] * len(configs)
     running: list[int] = []
     pending = list(range(len(configs)))
+    quiet = not stop_on_failure  # a caller that collects outcomes prints its own lines
     while pending or running:
         while pending and len(running) < max(1, parallel):
             i = pending.pop(0)
             jobs[i] = executor.submit(fn, configs[i])
-            print(
-                f"{stage}: started {labels[i]} as local job {jobs[i].job_id}; log: {jobs[i].paths.stdout}"
-            )
+            started(i, jobs[i])
+            if not quiet:
+                print(
+                    f"{stage}: started {labels[i]} as local job {jobs[i].job_id}; "
+                    f"log: {jobs[i].paths.stdout}"
+                )
             running.append(i)
         done = [i for i in running if jobs[i].done()]
         for i in done:
             running.remove(i)
-            _result(jobs[i], f"{stage} job {jobs[i].job_id} ({labels[i]})")
+            try:
+                _result(jobs[i], f"{stage} job {jobs[i].job_id} ({labels[i]})")
+                outcomes[i] = (jobs[i], None)
+            except UserError as e:
+                if stop_on_failure:
+                    raise
+                outcomes[i] = (jobs[i], str(e))
         if running and not done:
+            poll()
             time.sleep(0.5)
-    return jobs
+    return outcomes

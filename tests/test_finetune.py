@@ -107,6 +107,41 @@ def test_metrics_file(encoder_and_data, tmp_path):
     assert {"epoch", "train_loss", "val_loss", "lr"} <= set(r["validation_curve"][0])
 
 
+def test_predictions_file_matches_the_metrics_and_the_masks(encoder_and_data, tmp_path):
+    import numpy as np
+
+    from hpc_btunet.data import make_loader
+
+    _, data = encoder_and_data
+    path = finetune.run(cfg_for(data, tmp_path, fold=1))
+    r = json.loads(path.read_text())
+    saved = np.load(path.parent / r["predictions"])
+    manifest = load_manifest(data)
+    keys = list(saved["keys"])
+    assert sorted(keys) == sorted(manifest.splits["test"]) and len(set(keys)) == len(keys)
+    masks = saved["masks"]
+    assert masks.dtype == np.uint8 and masks.shape == (len(keys), 32, 32)
+    assert set(np.unique(masks)) <= {0, 1}
+    for metric in ("precision", "dice", "iou"):
+        assert saved[metric].dtype == np.float64 and saved[metric].shape == (len(keys),)
+        assert abs(saved[metric].mean() - r["test"]["mean"][metric]) < 1e-12
+    # the masks are what the per-image Dice was computed from
+    truth = {}
+    for batch in make_loader(data, "test", batch_size=8, shuffle=False, drop_last=False):
+        for key, mask, pad in zip(batch["key"], batch["mask"], batch["pad"], strict=True):
+            if not pad:
+                truth[key] = mask[0].numpy().astype(bool)
+    for i, key in enumerate(keys):
+        pred = masks[i].astype(bool)
+        tp, fp, fn = (
+            (pred & truth[key]).sum(),
+            (pred & ~truth[key]).sum(),
+            (~pred & truth[key]).sum(),
+        )
+        expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        assert abs(saved["dice"][i] - expected) < 1e-12, key
+
+
 def test_bad_pretrained_files(encoder_and_data, tmp_path):
     encoder_file, data = encoder_and_data
     m = load_manifest(data)

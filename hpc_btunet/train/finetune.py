@@ -6,7 +6,8 @@ with ``--pretrained encoder.pt`` the encoder is then overwritten by the pre-trai
 decoder keeps its fresh initialisation. Adam, ReduceLROnPlateau (x0.1) on the validation loss,
 early stopping with a patience, loss 0.5 * BCE + 0.5 * Dice (Eq. 4). The weights of the epoch with
 the lowest validation loss are kept and tested. Output: ``<out>/finetune/<model>/<bt|scratch>/
-fold-<k>/metrics.json``, written last. A checkpoint is written after every epoch, and on SLURM's
+fold-<k>/metrics.json``, written last, after ``predictions.npz`` (the test split's predicted
+masks and per-image metrics, for the report's figures and per-image statistics). A checkpoint is written after every epoch, and on SLURM's
 warning signal after the current batch (the signal is looked at between batches, in training,
 validation and testing alike); an interrupted job resumes from the newest intact one, mid-epoch
 included. The test shards are verified (sha256) before training, not found damaged after it.
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from hpc_btunet.atomic import write_json
+from hpc_btunet.atomic import atomic_open, write_json
 from hpc_btunet.config import option, to_dict
 from hpc_btunet.data import DataWait, Manifest, load_manifest, make_loader
 from hpc_btunet.data.manifest import sha256_file
@@ -38,6 +40,7 @@ from hpc_btunet.train.metrics import SegmentationMetrics
 from hpc_btunet.train.run import PENDING
 from hpc_btunet.train.session import Session, run_job
 
+PREDICTIONS_NAME = "predictions.npz"
 EMPTY_RULE = (
     "per image, a metric whose denominator is zero is 1 when mask and prediction are both empty, "
     "and 0 when nothing is predicted on a non-empty mask; 'mean' averages per-image values, "
@@ -148,11 +151,15 @@ def evaluate(
     loader,
     loss_fn: nn.Module,
     between_batches: Callable[[], None] = lambda: None,
+    predictions: dict | None = None,
 ) -> tuple[float, dict]:
     """Mean loss per image and segmentation metrics over the non-padded samples of ``loader``;
-    ``between_batches`` runs after every batch (a preemption check)."""
+    ``between_batches`` runs after every batch (a preemption check). With a ``predictions``
+    dict, it receives the keys, the binary masks (uint8, N x H x W) and the per-image metrics,
+    in the order evaluated."""
     engine.train(False)
     metrics, total, count = SegmentationMetrics(), 0.0, 0
+    keys, masks = [], []
     for batch in loader:
         keep = ~batch["pad"]
         x = engine.inputs(batch["image"][keep].float() / 255)
@@ -162,10 +169,26 @@ def evaluate(
         logits = logits.float()
         total += loss_fn(logits, y).item() * len(x)
         count += len(x)
-        metrics.update(torch.sigmoid(logits), y)
+        probabilities = torch.sigmoid(logits)
+        metrics.update(probabilities, y)
+        if predictions is not None:
+            keys += [k for k, kept in zip(batch["key"], keep.tolist(), strict=True) if kept]
+            binary = probabilities >= metrics.threshold
+            masks.append(binary[:, 0].to(torch.uint8).cpu().numpy())
         between_batches()
     engine.train(True)
+    if predictions is not None:
+        predictions["keys"] = np.array(keys)
+        predictions["masks"] = np.concatenate(masks)
+        predictions |= {m: v.numpy() for m, v in metrics.per_image().items()}
     return total / count, metrics.compute()
+
+
+def write_predictions(path: Path, predictions: dict) -> None:
+    """``predictions.npz``: test keys, binary masks (uint8 0/1 at the dataset's size) and
+    per-image precision, Dice and IoU, compressed, written atomically."""
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, **predictions)
 
 
 def run(cfg: FinetuneConfig) -> Path:
@@ -282,15 +305,23 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         session.stop_if_preempted(save=False)
 
     engine.load_weights(best["state"])
+    predictions: dict = {}
     test_loss, test = evaluate(
-        engine, net, test_loader, loss_fn, lambda: session.stop_if_preempted(save=False)
+        engine,
+        net,
+        test_loader,
+        loss_fn,
+        lambda: session.stop_if_preempted(save=False),
+        predictions,
     )
+    write_predictions(cfg.run_dir() / PREDICTIONS_NAME, predictions)
     result = {
         "model": cfg.model,
         "variant": cfg.variant,
         "fold": cfg.fold,
         "pretrained": str(cfg.pretrained) if cfg.pretrained else None,
         "test": test | {"loss": test_loss},
+        "predictions": PREDICTIONS_NAME,
         "empty_rule": EMPTY_RULE,
         "epoch_kept": best["epoch"],
         "epochs_run": epoch,
@@ -298,7 +329,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         "train_seconds": time.perf_counter() - start,
     }
     session.finish(
-        {f"test_{k}": v for k, v in test["mean"].items()} | {"epoch_kept": best["epoch"]}
+        {f"test_{k}": v for k, v in test["mean"].items()}
+        | {f"test_pooled_{k}": v for k, v in test["pooled"].items()}
+        | {"test_loss": test_loss, "epoch_kept": best["epoch"]}
     )
     write_json(cfg.result_file(), result)
     session.log(

@@ -55,6 +55,12 @@ class SegmentationMetrics:
     def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
         self.counts.append(confusion(probabilities >= self.threshold, target).cpu())
 
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Each image's precision, Dice and IoU (float64, in the order evaluated)."""
+        if not self.counts:
+            raise ValueError("no images were evaluated")
+        return scores(torch.cat(self.counts))
+
     def compute(self) -> dict[str, dict[str, float]]:
         if not self.counts:
             raise ValueError("no images were evaluated")

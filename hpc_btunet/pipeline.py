@@ -1,8 +1,10 @@
-"""The ``demo`` pipeline: pack the built-in dataset, pre-train, fine-tune every fold with and
-without Barlow Twins, and print the table, all on this machine through the local executor.
+"""The ``demo`` pipeline: pack the built-in dataset, then the ``experiment`` plan on it (pre-train,
+fine-tune every fold with and without Barlow Twins, report), all on this machine through the
+local executor.
 
-The jobs are the cluster's jobs (``pretrain.run``, ``finetune.run``) run as local processes by
-submitit; only their sizes are small, so that the whole demo fits in minutes on 2 CPU cores.
+The jobs are the cluster's jobs (``pretrain.run``, ``finetune.run``, ``report.run``) run as local
+processes by submitit; only their sizes are small, so that the whole demo fits in minutes on 2
+CPU cores.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ from hpc_btunet.config import check_values, option
 from hpc_btunet.data.manifest import MANIFEST_NAME, load_manifest
 from hpc_btunet.data.splits import SplitConfig
 from hpc_btunet.errors import UserError
-from hpc_btunet.launch import LaunchConfig, submit
 from hpc_btunet.models import build_model, check_input_size, list_models
-from hpc_btunet.report import write_report
-from hpc_btunet.train import finetune, pretrain
 
 
 @dataclass
@@ -117,59 +116,45 @@ def _check_sizes(cfg: DemoConfig, models: list[str]) -> None:
 
 
 def demo(cfg: DemoConfig) -> str:
-    """Run the whole demo; returns the Markdown table."""
+    """Run the whole demo (the ``experiment`` plan on the built-in dataset, on this machine);
+    returns the Markdown table."""
+    from hpc_btunet.experiment import build_plan, execute
+
     start = time.perf_counter()
     models = cfg.model_names()
     _check_sizes(cfg, models)
     _pack_demo_data(cfg)
-    logs = Path(cfg.out) / "logs"
-    # pre-training gets the whole machine: one job at a time, all threads
-    launch = LaunchConfig(
-        executor=cfg.executor, logs=logs, threads=cfg.parallel * cfg.threads, time="2:00:00"
+    plan = build_plan(
+        {
+            "data": cfg.data,
+            "out": cfg.out,
+            "models": ",".join(models),
+            "folds": cfg.folds,
+            "seed": cfg.seed,
+            "device": "cpu",
+            "wandb": cfg.wandb,
+            "executor": cfg.executor,
+            "time": "2:00:00",
+            "parallel": cfg.parallel,
+            # pre-training gets the whole machine (one job at a time), fine-tuning shares it
+            "pretrain_threads": cfg.parallel * cfg.threads,
+            "finetune_threads": cfg.threads,
+            "pretrain_epochs": cfg.pretrain_epochs,
+            "pretrain_batch_size": cfg.pretrain_batch_size,
+            "pretrain_lr": cfg.pretrain_lr,
+            "pretrain_checkpoint_every": 100,
+            "finetune_epochs": cfg.finetune_epochs,
+            "finetune_batch_size": cfg.finetune_batch_size,
+            "finetune_patience": cfg.patience,
+        }
     )
-    pre_cfgs = [
-        pretrain.PretrainConfig(
-            data=cfg.data,
-            model=m,
-            out=cfg.out,
-            epochs=cfg.pretrain_epochs,
-            batch_size=cfg.pretrain_batch_size,
-            lr=cfg.pretrain_lr,
-            seed=cfg.seed,
-            device="cpu",
-            checkpoint_every=100,
-            wandb=cfg.wandb,
-        )
-        for m in models
-    ]
-    submit(launch, "pretrain", pretrain.run, pre_cfgs, models)
-    print(f"demo: pre-training done after {time.perf_counter() - start:.0f} s")
-
-    fine_cfgs = [
-        finetune.FinetuneConfig(
-            data=cfg.data,
-            model=p.model,
-            out=cfg.out,
-            fold=fold,
-            pretrained=pretrained,
-            epochs=cfg.finetune_epochs,
-            batch_size=cfg.finetune_batch_size,
-            patience=cfg.patience,
-            seed=cfg.seed,
-            device="cpu",
-            wandb=cfg.wandb,
-        )
-        for p in pre_cfgs
-        for pretrained in (p.run_dir() / "encoder.pt", None)
-        for fold in range(cfg.folds)
-    ]
-    labels = [f"{c.model}/{c.variant}/fold-{c.fold}" for c in fine_cfgs]
-    launch = LaunchConfig(executor=cfg.executor, logs=logs, threads=cfg.threads, time="2:00:00")
-    submit(launch, "finetune", finetune.run, fine_cfgs, labels, parallel=cfg.parallel)
-    table, folder = write_report(cfg.out)
+    execute(plan)
+    folder = Path(cfg.out) / "report"
+    table = (folder / "table.md").read_text()
     wall = time.perf_counter() - start
     print(
         f"\n{table}\nTest split of {cfg.data}; per-image means, mean ± std over {cfg.folds} folds. "
-        f"Report: {folder}/table.md, table.csv\ndemo: finished in {wall:.0f} s ({wall / 60:.1f} min)"
+        f"Report: {folder}/report.md (table, figures, statistics)\n"
+        f"demo: finished in {wall:.0f} s ({wall / 60:.1f} min)"
     )
     return table

@@ -260,20 +260,30 @@ def _add_jobs(sub) -> None:
         add_arguments(launch, LaunchConfig, skip=("logs",), with_config=False)
         p.set_defaults(func=_run_job, job=name, config_class=cls)
 
-    p = sub.add_parser(
-        "report",
-        help="the Table 2 layout (model x BT: Pr, DC, IoU) from fine-tuning results",
-        formatter_class=_Formatter,
+    from hpc_btunet.experiment import add_experiment_arguments
+    from hpc_btunet.report import ReportConfig
+    from hpc_btunet.status import add_status_arguments
+
+    text = (
+        "the whole study on a cluster (or this machine): per model one pre-training job, one "
+        "array of folds x {bt, scratch} fine-tuning tasks (bt after its pre-training), and a "
+        "report after all of them"
     )
-    p.add_argument(
-        "--experiment", type=Path, required=True, help="experiment folder (the jobs' --out)"
+    p = sub.add_parser("experiment", help=text, description=text, formatter_class=_Formatter)
+    add_experiment_arguments(p)
+    p.set_defaults(func=_run_experiment)
+
+    text = "an experiment's stages and tasks: pending, running, done, failed, requeued"
+    p = sub.add_parser("status", help=text, description=text, formatter_class=_Formatter)
+    add_status_arguments(p)
+    p.set_defaults(func=_run_status)
+
+    text = (
+        "Table 2 (model x BT: Pr, DC, IoU), Fig. 4 (change with BT), Fig. 5 (predictions), "
+        "paired statistics and report.md from an experiment's results"
     )
-    p.add_argument(
-        "--aggregate",
-        default="mean",
-        choices=["mean", "pooled"],
-        help="per fold: mean of per-image metrics, or pooled (micro) metrics",
-    )
+    p = sub.add_parser("report", help=text, description=text, formatter_class=_Formatter)
+    add_arguments(p, ReportConfig)
     p.set_defaults(func=_run_report)
 
     text = "the whole method on this machine: pack the built-in dataset, pre-train, fine-tune every fold with and without BT, report"
@@ -352,12 +362,25 @@ def _run_job(args) -> int:
 
 
 def _run_report(args) -> int:
-    from hpc_btunet.report import write_report
+    from hpc_btunet.config import resolve
+    from hpc_btunet.report import ReportConfig, run
 
-    table, folder = write_report(args.experiment, args.aggregate)
-    print(table)
-    print(f"written: {folder / 'table.md'}, {folder / 'table.csv'}")
+    report = run(resolve(ReportConfig, args))
+    print((report.parent / "table.md").read_text())
+    print(f"written: {report} (table, figures, statistics, provenance) and the files beside it")
     return 0
+
+
+def _run_experiment(args) -> int:
+    from hpc_btunet.experiment import run_experiment
+
+    return run_experiment(args)
+
+
+def _run_status(args) -> int:
+    from hpc_btunet.status import run_status
+
+    return run_status(args)
 
 
 def _run_demo(args) -> int:

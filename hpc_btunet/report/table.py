@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_btunet.atomic import atomic_open
 from hpc_btunet.errors import UserError
 
 DISPLAY_NAMES = {
@@ -47,6 +46,13 @@ def _read_result(path: Path) -> dict:
     if not ok:
         raise UserError(f"{path} is not a fine-tuning result (fields missing or mistyped): {fix}")
     return result
+
+
+def model_order(models) -> list[str]:
+    """Models in the paper's order (then any other by name), each once."""
+    order = list(DISPLAY_NAMES)
+    unique = list(dict.fromkeys(models))
+    return sorted(unique, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def collect(experiment: Path) -> list[dict]:
@@ -110,19 +116,3 @@ def to_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def write_report(experiment: Path, aggregate: str = "mean") -> tuple[str, Path]:
-    """Write ``<experiment>/report/table.md`` and ``table.csv``; returns the Markdown and the folder."""
-    rows = summarise(collect(experiment), aggregate)
-    folder = Path(experiment) / "report"
-    text = markdown(rows)
-    note = (
-        f"\nTest split; each fold contributes its {'per-image mean' if aggregate == 'mean' else 'pooled (micro) value'}; "
-        "mean ± sample std over folds.\n"
-    )
-    with atomic_open(folder / "table.md", "w") as f:
-        f.write(text + note)
-    with atomic_open(folder / "table.csv", "w") as f:
-        f.write(to_csv(rows))
-    return text, folder

@@ -142,6 +142,43 @@ def test_predictions_file_matches_the_metrics_and_the_masks(encoder_and_data, tm
         assert abs(saved["dice"][i] - expected) < 1e-12, key
 
 
+def test_a_test_evaluation_cut_by_preemption_leaves_no_predictions(
+    encoder_and_data, tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from hpc_btunet.train.preemption import Preempted, PreemptionWatcher
+
+    _, data = encoder_and_data
+    cfg = cfg_for(data, tmp_path)
+    stale = cfg.run_dir() / finetune.PREDICTIONS_NAME
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"predictions of an attempt stopped before its metrics.json")
+    testing = {"now": False}
+    real_evaluate = finetune.evaluate
+
+    def evaluate(*args, **kw):  # the test evaluation is the one that collects predictions
+        testing["now"] = len(args) > 5 or "predictions" in kw
+        return real_evaluate(*args, **kw)
+
+    def should_stop(self):  # SLURM's warning, in the middle of the test evaluation
+        if testing["now"]:
+            self.received = 12
+        return self.received is not None
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "evaluate", evaluate)
+        m.setattr(PreemptionWatcher, "should_stop", should_stop)
+        with pytest.raises(Preempted):
+            finetune.run(cfg)
+    assert not stale.exists() and not cfg.result_file().exists()
+    # the requeued job resumes after the last epoch and evaluates the test split again
+    r = json.loads(finetune.run(cfg).read_text())
+    saved = np.load(stale)
+    assert len(saved["keys"]) == r["test"]["images"] == load_manifest(data).counts["test"]
+    assert abs(saved["dice"].mean() - r["test"]["mean"]["dice"]) < 1e-12
+
+
 def test_bad_pretrained_files(encoder_and_data, tmp_path):
     encoder_file, data = encoder_and_data
     m = load_manifest(data)

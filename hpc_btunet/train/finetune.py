@@ -6,11 +6,13 @@ with ``--pretrained encoder.pt`` the encoder is then overwritten by the pre-trai
 decoder keeps its fresh initialisation. Adam, ReduceLROnPlateau (x0.1) on the validation loss,
 early stopping with a patience, loss 0.5 * BCE + 0.5 * Dice (Eq. 4). The weights of the epoch with
 the lowest validation loss are kept and tested. Output: ``<out>/finetune/<model>/<bt|scratch>/
-fold-<k>/metrics.json``, written last, after ``predictions.npz`` (the test split's predicted
-masks and per-image metrics, for the report's figures and per-image statistics). A checkpoint is written after every epoch, and on SLURM's
-warning signal after the current batch (the signal is looked at between batches, in training,
-validation and testing alike); an interrupted job resumes from the newest intact one, mid-epoch
-included. The test shards are verified (sha256) before training, not found damaged after it.
+fold-<k>/metrics.json``, written last, after ``predictions.npz`` (the test split's keys,
+predicted masks and per-image metrics, for the report's figures and per-image statistics). A
+checkpoint is written after every epoch, and on SLURM's warning signal after the current batch
+(the signal is looked at between batches, in training, validation and testing alike); an
+interrupted job resumes from the newest intact one, mid-epoch included, and evaluates the test
+split from its start (a ``predictions.npz`` without ``metrics.json`` is removed first). The test
+shards are verified (sha256) before training, not found damaged after it.
 """
 
 from __future__ import annotations
@@ -202,6 +204,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     cfg.check_world_size(engine.world_size)
     manifest = load_manifest(session.data)
     cfg.check_inputs(manifest, engine.world_size)
+    # an attempt cut short after its test evaluation (a preemption before metrics.json) left
+    # predictions of its own; this one evaluates the test split again and writes them anew
+    (cfg.run_dir() / PREDICTIONS_NAME).unlink(missing_ok=True)
     # the test split is read only after training: a damaged test shard must stop the job now
     verify_before_training(
         session.data,

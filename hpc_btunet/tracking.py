@@ -6,17 +6,21 @@ folder's name), job type = the stage, name = model/variant/fold, config = the re
 Offline by default (``wandb sync <run folder>/wandb/offline-run-*`` uploads later); online when
 ``--wandb online`` or ``WANDB_MODE=online``, with the key taken by wandb from its own login or
 ``WANDB_API_KEY`` (never logged here). The run id is stored in the run folder, so a requeued or
-resumed job continues the same wandb run.
+resumed job continues the same wandb run. Images (a job's predictions over a few samples) go to
+wandb alone, and only a job that finds ``shows_media`` true prepares them.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpc_btunet.atomic import atomic_open
 from hpc_btunet.train.run import RunDir
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODES = ("offline", "online", "disabled")
 _SECRET_HINTS = ("key", "token", "secret", "password")
@@ -76,6 +80,39 @@ class Tracker:
         self.rundir.log({"step": step, **record})
         if self.run is not None:
             self.run.log(record, step=step)
+
+    @property
+    def shows_media(self) -> bool:
+        """Whether :meth:`images` shows anything: a wandb run is open (the main process, wandb
+        not disabled). Callers gather images only then."""
+        return self.run is not None
+
+    def images(
+        self, name: str, shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], step: int
+    ) -> None:
+        """Images with two mask overlays, ``(caption, image, prediction, truth)``, the masks
+        H x W {0, 1}: to wandb only (``metrics.jsonl`` keeps numbers)."""
+        if self.run is None:
+            return
+        import wandb
+
+        labels = {1: "foreground"}
+        self.run.log(
+            {
+                name: [
+                    wandb.Image(
+                        image,
+                        caption=caption,
+                        masks={
+                            "prediction": {"mask_data": prediction, "class_labels": labels},
+                            "ground_truth": {"mask_data": truth, "class_labels": labels},
+                        },
+                    )
+                    for caption, image, prediction, truth in shown
+                ]
+            },
+            step=step,
+        )
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -90,3 +90,91 @@ def test_offline_run_holds_loss_history_and_config(toy_pack, tmp_path, monkeypat
     pretrain.run(pretrain.PretrainConfig(**{**cfg.__dict__, "steps": 8, "force_resume": True}))
     assert (cfg.run_dir() / "wandb-id").read_text().strip() == run_id
     assert all(run_id in p.name for p in (cfg.run_dir() / "wandb").glob("offline-run-*"))
+
+
+def _values(items) -> dict:
+    """Logged values by key; a dict value (an image list) arrives as one item per field."""
+    values = {}
+    for i in items:
+        if i.key:
+            values[i.key] = json.loads(i.value_json)
+        elif len(i.nested_key) == 1:
+            values[i.nested_key[0]] = json.loads(i.value_json)
+        else:
+            values.setdefault(i.nested_key[0], {})[i.nested_key[1]] = json.loads(i.value_json)
+    return values
+
+
+def _finetune_config(data, out, wandb, **kw):
+    from hpc_btunet.train import finetune
+
+    return finetune.FinetuneConfig(
+        data=data, out=out, batch_size=4, base_width=4, depth=2, device="cpu", wandb=wandb, **kw
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_finetune_offline_run_shows_validation_images_and_test_metrics(
+    toy_pack, tmp_path, monkeypatch
+):
+    from hpc_btunet.data import make_loader
+    from hpc_btunet.train import finetune
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data, manifest = toy_pack(n=60, image_size=16, folds=3)
+    cfg = _finetune_config(
+        data, tmp_path / "exp", "offline", epochs=4, log_images_every=2, log_images=2
+    )
+    result = json.loads(finetune.run(cfg).read_text())
+    runs = sorted((cfg.run_dir() / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # wandb writes each image and each mask overlay as a PNG file of the offline run
+    media = runs[0] / "files" / "media" / "images"
+    assert len(list((media / "val").glob("predictions_*.png"))) == 2 * 2  # epochs 2 and 4
+    # the true masks differ between the images; predicted masks that repeat are stored once
+    assert len(list((media / "mask" / "val").glob("predictions_*.mask.png"))) >= 2 * 2
+
+    run_id = (cfg.run_dir() / "wandb-id").read_text().strip()
+    shown, summary = {}, {}
+    for r in wandb_records(runs[0] / f"run-{run_id}.wandb"):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            items = _values(r.history.item)
+            if "val/predictions" in items:
+                shown[r.history.step.num] = items["val/predictions"]
+        elif kind == "summary":
+            summary |= _values(r.summary.update)
+    assert sorted(shown) == [2, 4]
+    _, val_keys = manifest.fold_keys(0)
+    loader = make_loader(data, "train", keys=val_keys, batch_size=4, shuffle=False, drop_last=False)
+    first = next(iter(loader))["key"][:2]  # the validation order's first images, every time
+    for logged in shown.values():
+        assert logged["_type"] == "images/separated" and logged["count"] == 2
+        assert logged["captions"] == first
+        assert set(logged["all_masks"][0]) == {"prediction", "ground_truth"}
+    for metric in ("precision", "dice", "iou"):
+        assert summary[f"test/{metric}"] == pytest.approx(result["test"]["mean"][metric])
+        assert summary[f"test/pooled_{metric}"] == pytest.approx(result["test"]["pooled"][metric])
+        assert summary[f"test_{metric}"] == summary[f"test/{metric}"]  # the older names stay
+    assert summary["test/loss"] == summary["test_loss"] == pytest.approx(result["test"]["loss"])
+    assert summary["test/images"] == result["test"]["images"]
+    # images go to wandb alone: the local log keeps numbers
+    log = (cfg.run_dir() / "metrics.jsonl").read_text()
+    assert "predictions" not in log and len(log.splitlines()) == 4
+
+
+def test_finetune_with_wandb_disabled_writes_no_wandb_files_and_gathers_no_images(
+    toy_pack, tmp_path, monkeypatch
+):
+    from hpc_btunet.train import finetune
+
+    def refuse(*_):
+        raise AssertionError("images gathered for a disabled wandb")
+
+    monkeypatch.setattr(finetune.FirstImages, "add", refuse)
+    data, _ = toy_pack(n=60, image_size=16, folds=3)
+    cfg = _finetune_config(data, tmp_path / "exp", "disabled", epochs=2, log_images_every=1)
+    finetune.run(cfg)
+    assert not (cfg.run_dir() / "wandb").exists() and not (cfg.run_dir() / "wandb-id").exists()
+    assert not list(tmp_path.rglob("*wandb*"))

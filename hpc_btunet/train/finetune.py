@@ -12,7 +12,10 @@ checkpoint is written after every epoch, and on SLURM's warning signal after the
 (the signal is looked at between batches, in training, validation and testing alike); an
 interrupted job resumes from the newest intact one, mid-epoch included, and evaluates the test
 split from its start (a ``predictions.npz`` without ``metrics.json`` is removed first). The test
-shards are verified (sha256) before training, not found damaged after it.
+shards are verified (sha256) before training, not found damaged after it. Every
+``--log-images-every`` epochs, wandb shows the first ``--log-images`` validation images with their
+predicted and true masks, taken from the validation pass itself; the run's wandb summary holds
+the test metrics (``test/dice``, ``test/pooled_dice``, ``test/loss``, ...).
 """
 
 from __future__ import annotations
@@ -63,6 +66,20 @@ class FinetuneConfig(JobConfig):
         3, "epochs without validation improvement before the lr is cut x0.1", min=1
     )
     patience: int = option(8, "epochs without validation improvement before stopping", min=1)
+    log_images_every: int = option(
+        5,
+        "every N epochs, show --log-images validation images with their predicted and true "
+        "masks in wandb (0: never; nothing is computed for it when wandb is disabled)",
+        min=0,
+        identity=False,
+    )
+    log_images: int = option(
+        4,
+        "validation images shown: the first of the fold in the validation order, the same "
+        "every time",
+        min=1,
+        identity=False,
+    )
 
     result_name: ClassVar[str] = "metrics.json"
     max_world_size: ClassVar[int | None] = 1  # folds fan out as array tasks instead
@@ -141,6 +158,31 @@ class Supervised(nn.Module):
         return [self.model(x)]
 
 
+class FirstImages:
+    """The first ``count`` images of an evaluation pass, with their predicted and true masks,
+    taken from the pass's own forward (no extra one): ``(key, image, prediction, truth)``,
+    the image H x W (grayscale, or the first channel of a 2- or 4-channel image) or H x W x 3,
+    the masks H x W uint8 {0, 1}."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.shown: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(
+        self, keys: list[str], images: torch.Tensor, binary: torch.Tensor, truth: torch.Tensor
+    ) -> None:
+        """A batch's kept samples: ``images`` B x C x H x W uint8, masks B x 1 x H x W."""
+        for i in range(min(self.count - len(self.shown), len(keys))):
+            image = images[i].cpu().numpy()
+            image = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
+            masks = (binary[i, 0], truth[i, 0])
+            self.shown.append((keys[i], image, *(m.to(torch.uint8).cpu().numpy() for m in masks)))
+
+    @property
+    def full(self) -> bool:
+        return len(self.shown) >= self.count
+
+
 def supervised_loss(heads: list[torch.Tensor], loss_fn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The training loss (fp32); with deep supervision, the mean of every head's loss."""
     return sum(loss_fn(logits.float(), y) for logits in heads) / len(heads)
@@ -154,11 +196,12 @@ def evaluate(
     loss_fn: nn.Module,
     between_batches: Callable[[], None] = lambda: None,
     predictions: dict | None = None,
+    shown: FirstImages | None = None,
 ) -> tuple[float, dict]:
     """Mean loss per image and segmentation metrics over the non-padded samples of ``loader``;
     ``between_batches`` runs after every batch (a preemption check). With a ``predictions``
     dict, it receives the keys, the binary masks (uint8, N x H x W) and the per-image metrics,
-    in the order evaluated."""
+    in the order evaluated; ``shown`` collects the first images with their masks."""
     engine.train(False)
     metrics, total, count = SegmentationMetrics(), 0.0, 0
     keys, masks = [], []
@@ -173,10 +216,14 @@ def evaluate(
         count += len(x)
         probabilities = torch.sigmoid(logits)
         metrics.update(probabilities, y)
+        kept_keys = [k for k, kept in zip(batch["key"], keep.tolist(), strict=True) if kept]
         if predictions is not None:
-            keys += [k for k, kept in zip(batch["key"], keep.tolist(), strict=True) if kept]
+            keys += kept_keys
             binary = probabilities >= metrics.threshold
             masks.append(binary[:, 0].to(torch.uint8).cpu().numpy())
+        if shown is not None and not shown.full:
+            binary = probabilities >= metrics.threshold
+            shown.add(kept_keys, batch["image"][keep], binary, y)
         between_batches()
     engine.train(True)
     if predictions is not None:
@@ -291,8 +338,16 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
             "images_per_s": seen / (time.perf_counter() - tick),
             "data_wait_s": waited / max(batches, 1),  # per training batch, as pretrain logs it
         }
+        # images for wandb come from this pass's forward, and only when a wandb run shows them
+        due = cfg.log_images_every and (epoch + 1) % cfg.log_images_every == 0
+        shown = FirstImages(cfg.log_images) if due and tracker.shows_media else None
         val_loss, _ = evaluate(
-            engine, net, val_loader, loss_fn, lambda: session.stop_if_preempted(save=True)
+            engine,
+            net,
+            val_loader,
+            loss_fn,
+            lambda: session.stop_if_preempted(save=True),
+            shown=shown,
         )
         plateau.step(val_loss)
         point = {
@@ -303,6 +358,8 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         }
         curve.append(point)
         tracker.log(point | speed, epoch + 1)
+        if shown is not None:
+            tracker.images("val/predictions", shown.shown, epoch + 1)
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "epoch": epoch, "state": engine.export()}
         epoch, done, total, count = epoch + 1, 0, 0.0, 0
@@ -337,6 +394,10 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         {f"test_{k}": v for k, v in test["mean"].items()}
         | {f"test_pooled_{k}": v for k, v in test["pooled"].items()}
         | {"test_loss": test_loss, "epoch_kept": best["epoch"]}
+        # the same under "test/", the section wandb groups them in
+        | {f"test/{k}": v for k, v in test["mean"].items()}
+        | {f"test/pooled_{k}": v for k, v in test["pooled"].items()}
+        | {"test/loss": test_loss, "test/images": test["images"]}
     )
     write_json(cfg.result_file(), result)
     session.log(

@@ -1,4 +1,5 @@
-"""Datasets: sources (adapters), packing into WebDataset shards, the manifest and the loader.
+"""Datasets: sources (adapters), packing into WebDataset shards, the manifest and the loader
+(and a stock webdataset pipeline over the same shards, :func:`webdataset_pipeline`).
 
 The names below are imported on first use, so that ``pack`` (which needs no torch) starts
 without importing torch.
@@ -19,6 +20,7 @@ _WHERE = {
     "Entry": "sample",
     "Sample": "sample",
     "Source": "sample",
+    "webdataset_pipeline": "wds",
 }
 
 __all__ = sorted(_WHERE)

@@ -2,6 +2,7 @@
 or a fold's part; the images and masks the toolkit's loader yields for them; a damaged sample
 named; one message per bad input; a DataLoader with workers; no torch until it is built."""
 
+import pickle
 import subprocess
 import sys
 
@@ -166,6 +167,9 @@ def test_in_a_dataloader_with_two_workers_every_sample_comes_once(packed):
             np.asarray(s["image"]).transpose(2, 0, 1), reference[s["key"]][0]
         )
     assert sorted(keys) == sorted(m.splits["train"]) and len(keys) == len(m.splits["train"])
+    # its stages pickle, for DataLoaders that spawn their workers
+    copy = pickle.loads(pickle.dumps(webdataset_pipeline(data, fold=0, part="val")))
+    assert sorted(s["key"] for s in copy) == m.fold_keys(0)[1]
 
 
 def test_importing_it_imports_neither_torch_nor_webdataset():

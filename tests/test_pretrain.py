@@ -153,6 +153,8 @@ def test_lr_schedule_runs_to_the_last_step(data, tmp_path):
     assert len(lrs) == 2 * (42 // 8)
     assert lrs[-1] == pytest.approx(1e-3 * 0.01) and min(lrs[:-1]) > lrs[-1]
     assert all(r["images_per_s"] > 0 and 0 < r["on_diag_mean"] <= 1.0 + 1e-6 for r in log)
+    seconds = [r["train_seconds"] for r in log]  # the report's wall time of pre-training
+    assert seconds[0] > 0 and all(a < b for a, b in zip(seconds, seconds[1:], strict=False))
 
 
 def test_wrong_image_size_for_model(toy_pack, tmp_path):

@@ -219,3 +219,67 @@ def test_report_command_line(tmp_path, data):
     assert "| U-Net | Y | 3 |" in done.stdout and "report.md" in done.stdout
     bad = submit_cli("report", "--experiment", tmp_path / "nothing", check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# --- zero and tied differences, pairing, the per-image bootstrap over paired folds ------------
+
+
+def test_zero_differences_are_left_out_of_wilcoxon_and_said():
+    from scipy import stats
+
+    bt, scratch = np.array([0.5, 0.6, 0.7]), np.full(3, 0.5)
+    out = paired_folds(bt, scratch)
+    assert out["wilcoxon_p"] == pytest.approx(
+        stats.wilcoxon((bt - scratch)[1:], method="exact").pvalue
+    )
+    assert out["wilcoxon_p"] == pytest.approx(0.5)  # 2 non-zero differences, both positive
+    assert out["wilcoxon_smallest_p"] == 0.5
+    assert "Wilcoxon over the 2 non-zero difference(s)" in out["note"]
+    assert out["t_p"] == pytest.approx(stats.ttest_rel(bt, scratch).pvalue)
+
+
+def test_tied_differences_are_flagged():
+    from scipy import stats
+
+    bt, scratch = np.array([0.75, 0.75, 0.25]), np.full(3, 0.5)  # d = +0.25, +0.25, -0.25
+    out = paired_folds(bt, scratch)
+    assert out["wilcoxon_p"] == pytest.approx(stats.wilcoxon(bt - scratch, method="exact").pvalue)
+    assert "tied |differences|" in out["note"]
+
+
+def test_fold_statistics_pair_the_folds_both_variants_finished():
+    from hpc_btunet.report.statistics import fold_statistics
+
+    def result(variant, fold, dice):
+        metrics = {"precision": dice, "dice": dice, "iou": dice}
+        return {"model": "unet", "variant": variant, "fold": fold, "test": {"mean": metrics}}
+
+    results = [result("bt", 0, 0.8), result("bt", 1, 0.9), result("bt", 2, 0.0)]
+    results += [result("scratch", 0, 0.5), result("scratch", 1, 0.7)]
+    rows = fold_statistics(results, "mean")
+    assert [r["metric"] for r in rows] == ["Pr", "DC", "IoU"]
+    dc = rows[1]
+    assert dc["folds"] == 2 and dc["mean_difference"] == pytest.approx(0.25)
+    half = (
+        12.706204736174698 * math.sqrt(((0.3 - 0.25) ** 2 + (0.2 - 0.25) ** 2) / 1) / math.sqrt(2)
+    )
+    assert (dc["ci_low"], dc["ci_high"]) == pytest.approx((0.25 - half, 0.25 + half))
+
+
+def test_dice_bootstrap_averages_the_paired_folds_only():
+    from hpc_btunet.report.results import Predictions
+    from hpc_btunet.report.statistics import dice_bootstrap
+
+    keys = np.array(["a", "b", "c", "d"])
+    rng = np.random.default_rng(3)
+    scratch = {k: rng.random(4) * 0.5 for k in (0, 1)}
+    predictions = {("unet", "scratch", k): Predictions(None, keys, scratch[k]) for k in (0, 1)}
+    for k in (0, 1):  # every image 0.2 better with BT on folds 0 and 1, in another order
+        order = [3, 0, 2, 1]
+        predictions[("unet", "bt", k)] = Predictions(None, keys[order], scratch[k][order] + 0.2)
+    predictions[("unet", "bt", 2)] = Predictions(None, keys, np.zeros(4))  # no scratch fold 2
+    rows, skipped = dice_bootstrap(["unet", "rca_iunet"], predictions, 1000, 0)
+    (row,) = rows
+    assert (row["folds"], row["images"]) == (2, 4)
+    assert (row["mean"], row["low"], row["high"]) == pytest.approx((0.2, 0.2, 0.2))
+    assert skipped == ["rca_iunet: no fold has predictions with and without BT"]

@@ -332,9 +332,10 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
         checkpoints=session.rundir.checkpoints,
     )
 
-    step, last_loss = 0, float("nan")
+    step, last_loss, seconds_before = 0, float("nan"), 0.0
     if (state := session.resume()) is not None:
         step, last_loss = state["step"], state["loss"]
+        seconds_before = state.get("train_seconds", 0.0)  # the earlier starts' training time
         session.log(f"resuming from {session.last} (step {step} of {total})")
         if state.get("global_batch", global_batch) != global_batch:  # only with --force-resume
             session.log(
@@ -355,9 +356,15 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
         f"({engine.threads.source})"
     )
 
+    started = time.perf_counter()
+
+    def train_seconds() -> float:
+        """Wall time of the training loop, summed over requeues (the report's wall time)."""
+        return seconds_before + time.perf_counter() - started
+
     def progress() -> tuple[int, dict]:
         state = {"step": step, "epoch": step // per_epoch, "loss": last_loss}
-        return step, state | {"global_batch": global_batch}
+        return step, state | {"global_batch": global_batch, "train_seconds": train_seconds()}
 
     session.watch(progress)
 
@@ -389,6 +396,7 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
                     # seconds per step this rank waited for its batches: near 0, the step is
                     # the bottleneck; near the step time, the loader is
                     "data_wait_s": waited / steps_done,
+                    "train_seconds": train_seconds(),
                     **stats,
                 }
                 tracker.log(record, step)
@@ -416,5 +424,5 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
         }
         save_weights(encoder_file, encoder, signature | {"image_size": manifest.image_size})
         session.log(f"wrote {encoder_file}")
-    session.finish({"final_loss": last_loss, "steps": step})
+    session.finish({"final_loss": last_loss, "steps": step, "train_seconds": train_seconds()})
     return encoder_file

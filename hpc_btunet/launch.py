@@ -277,7 +277,12 @@ def make_executor(
         return executor
     if check:
         check_slurm_request(cfg)
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    if check or shutil.which("srun"):
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    else:  # a dry run where SLURM is absent: submitit's executor refuses to exist without srun
+        executor = submitit.AutoExecutor(folder=folder, cluster="debug")
+        executor._executor = _ScriptOnlySlurmExecutor(folder)
+        executor.cluster = "slurm"
     if dependency is None and cfg.after:
         dependency = f"afterok:{cfg.after.replace(',', ':')}"
     extra = dict(cfg.extra)
@@ -308,6 +313,18 @@ def make_executor(
     params |= {k: v for k, v in optional.items() if v is not None}
     executor.update_parameters(**params)
     return executor
+
+
+class _ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor for writing sbatch scripts only (``--dry-run`` without SLURM);
+    it never submits."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _submit_command(self, command: str):
+        raise UserError("a dry run submits nothing")
 
 
 def sbatch_script(executor: submitit.Executor, tasks: int) -> str:

@@ -96,6 +96,14 @@ def flip_torch_byte(path) -> None:
     Path(path).write_bytes(bytes(raw))
 
 
+def pack_toy(out: Path, n: int, image_size: int = 16, folds: int = 3, shard_size: int = 1000):
+    """Pack ``ToySource(n)`` into ``out`` quietly; returns ``out``."""
+    splits = SplitConfig(folds=folds)
+    cfg = PackConfig(out=out, image_size=image_size, shard_size=shard_size, splits=splits)
+    pack(ToySource(n=n), cfg, log=lambda _: None)
+    return out
+
+
 @pytest.fixture
 def toy_pack(tmp_path):
     """Pack a ToySource; returns ``(out_dir, manifest)``. Call with keyword overrides."""

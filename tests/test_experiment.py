@@ -8,10 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ToySource, submit_cli
+from conftest import pack_toy, submit_cli
 
-from hpc_btunet.data.pack import PackConfig, pack
-from hpc_btunet.data.splits import SplitConfig
 from hpc_btunet.errors import UserError
 
 TINY = {
@@ -35,24 +33,12 @@ def flags(values: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exp") / "data"
-    pack(
-        ToySource(n=40),
-        PackConfig(out=out, image_size=16, splits=SplitConfig(folds=3)),
-        log=lambda _: None,
-    )
-    return out
+    return pack_toy(tmp_path_factory.mktemp("exp") / "data", n=40)
 
 
 @pytest.fixture(scope="module")
 def other_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exp-other") / "data"
-    pack(
-        ToySource(n=30),
-        PackConfig(out=out, image_size=16, splits=SplitConfig(folds=3)),
-        log=lambda _: None,
-    )
-    return out
+    return pack_toy(tmp_path_factory.mktemp("exp-other") / "data", n=30)
 
 
 def test_dry_run_prints_the_plan_and_sbatch_scripts_without_submitting(data, tmp_path):

@@ -11,10 +11,8 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import ToySource, submit_cli
+from conftest import pack_toy, submit_cli
 
-from hpc_btunet.data.pack import PackConfig, pack
-from hpc_btunet.data.splits import SplitConfig
 from hpc_btunet.errors import UserError
 from hpc_btunet.report import ReportConfig, run
 from hpc_btunet.report.statistics import (
@@ -97,13 +95,7 @@ def test_per_image_dice_aligns_keys_across_folds():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "data"
-    pack(
-        ToySource(n=30),
-        PackConfig(out=out, image_size=16, splits=SplitConfig(folds=3)),
-        log=lambda _: None,
-    )
-    return out
+    return pack_toy(tmp_path_factory.mktemp("report") / "data", n=30)
 
 
 def _experiment(tmp_path, data, dice_by_run, folds=3, models=("unet",)):

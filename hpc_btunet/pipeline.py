@@ -17,7 +17,7 @@ from hpc_btunet.config import check_values, option
 from hpc_btunet.data.manifest import MANIFEST_NAME, load_manifest
 from hpc_btunet.data.splits import SplitConfig
 from hpc_btunet.errors import UserError
-from hpc_btunet.models import build_model, check_input_size, list_models
+from hpc_btunet.models import build_model, check_input_size
 
 
 @dataclass
@@ -58,18 +58,9 @@ class DemoConfig:
                 raise UserError(f"--{name} {getattr(self, name)} is a file: choose a folder")
 
     def model_names(self) -> list[str]:
-        known = list_models()
-        names = (
-            known
-            if self.models == "all"
-            else [m.strip() for m in self.models.split(",") if m.strip()]
-        )
-        unknown = [m for m in names if m not in known]
-        if unknown or not names:
-            raise UserError(
-                f"unknown model(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(known)} or 'all'"
-            )
-        return names
+        from hpc_btunet.experiment import model_names
+
+        return model_names(self.models)
 
 
 def _pack_demo_data(cfg: DemoConfig) -> None:

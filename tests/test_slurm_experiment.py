@@ -37,18 +37,11 @@ def hpc(*args, check=True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import ToySource
+    from conftest import pack_toy
 
-    from hpc_btunet.data.pack import PackConfig, pack
-    from hpc_btunet.data.splits import SplitConfig
-
-    out = tmp_path_factory.mktemp("slurm-exp") / "data"
-    pack(
-        ToySource(n=60),
-        PackConfig(out=out, image_size=32, shard_size=20, splits=SplitConfig(folds=3)),
-        log=lambda _: None,
+    return pack_toy(
+        tmp_path_factory.mktemp("slurm-exp") / "data", n=60, image_size=32, shard_size=20
     )
-    return out
 
 
 def _ids(out: str) -> tuple[dict, dict, dict, str]:

@@ -237,10 +237,30 @@ def check_slurm_request(cfg: LaunchConfig) -> None:
             )
     if cfg.after:
         for job_id in cfg.after.replace(":", ",").split(","):
-            if not _slurm("scontrol", "show", "job", job_id.strip()).stdout.strip():
-                raise UserError(
-                    f"--after {job_id}: SLURM knows no job with this id (check `squeue` or the id printed at submission)"
-                )
+            check_after(job_id.strip())
+
+
+# States after which ``afterok`` can never be satisfied: SLURM accepts such a dependency and the
+# job then pends for good (``DependencyNeverSatisfied``), so it is refused before submission.
+ENDED_BADLY = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+               "DEADLINE", "PREEMPTED"}  # fmt: skip
+
+
+def check_after(job_id: str) -> None:
+    """``--after JOB``: SLURM must know the job (or array, or array task), and none of its
+    tasks may have ended without success."""
+    shown = _slurm("scontrol", "-o", "show", "job", job_id).stdout
+    states = re.findall(r"\bJobState=(\S+)", shown)
+    if not states:
+        raise UserError(
+            f"--after {job_id}: SLURM knows no job with this id (check `squeue` or the id printed at submission)"
+        )
+    bad = sorted(ENDED_BADLY.intersection(states))
+    if bad:
+        raise UserError(
+            f"--after {job_id}: that job ended {'/'.join(bad)}, so a job after it (afterok) would "
+            "never start: run it again first (its log says why it ended), or drop --after"
+        )
 
 
 def make_executor(

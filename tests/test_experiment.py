@@ -258,3 +258,89 @@ def test_config_file_with_an_unknown_key(data, tmp_path):
     config.write_text("pretrain_epochs: 2\npretrain_epoch: 3\n")
     done = submit_cli("experiment", "--data", data, "--config", config, "--dry-run", check=False)
     assert done.returncode == 2 and "unknown key(s) pretrain_epoch" in done.stderr
+
+
+def _scripted_collect(monkeypatch, polls: list[list[str]]) -> list[float]:
+    """``status.collect`` answers each poll with the next list of states (fold 0, fold 1, the
+    report); ``time.sleep`` records its periods instead of sleeping. Returns the periods."""
+    from hpc_btunet import status
+
+    answers = iter(polls)
+    record = {"data": "d", "manifest_sha256": "0" * 64, "models": ["unet"], "folds": 2}
+    labels = [("finetune", "unet/scratch/fold-0"), ("finetune", "unet/scratch/fold-1")]
+    labels.append(("report", "report"))
+
+    def collect(out):
+        states = next(answers)
+        return record, [status.Row(*where, s) for where, s in zip(labels, states, strict=True)]
+
+    slept: list[float] = []
+    monkeypatch.setattr(status, "collect", collect)
+    monkeypatch.setattr(status.time, "sleep", slept.append)
+    return slept
+
+
+def test_status_watch_refreshes_until_nothing_is_queued(monkeypatch, tmp_path, capsys):
+    """``--watch S`` prints the table, sleeps S and prints it again while a task is pending or
+    running, then stops, with exit status 1 because a task failed."""
+    import argparse
+
+    from hpc_btunet.status import run_status
+
+    polls = [
+        ["pending", "pending", "pending"],
+        ["running", "done", "pending"],
+        ["failed, boom", "done", "done"],
+    ]
+    slept = _scripted_collect(monkeypatch, polls)
+    code = run_status(argparse.Namespace(experiment=tmp_path, watch=0.5))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert slept == [0.5, 0.5]
+    assert out.count("summary:") == 3
+    assert "finetune 0/2 done (2 pending)" in out
+    assert "finetune 1/2 done (1 failed); report 1/1 done" in out
+
+
+def test_status_watch_needs_a_positive_period(tmp_path):
+    done = submit_cli("status", "--experiment", tmp_path, "--watch", "0", check=False)
+    assert done.returncode == 2 and "--watch 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_wait_for_experiment_fails_naming_what_did_not_finish(monkeypatch, tmp_path, capsys):
+    from hpc_btunet import status
+
+    polls = [["running", "pending", "pending"], ["done", "cancelled", "done"]]
+    slept = _scripted_collect(monkeypatch, polls)
+    with pytest.raises(UserError) as e:
+        status.wait_for_experiment(tmp_path, period=3)
+    assert str(e.value) == "1 task(s) did not finish: finetune/unet/scratch/fold-1 (cancelled)"
+    assert slept == [3]
+    assert "finetune 1/2 done (1 cancelled); report 1/1 done" in capsys.readouterr().out
+
+
+def test_a_submission_slurm_refuses_is_one_message(monkeypatch):
+    """sbatch's refusal (e.g. ``Job dependency problem`` for ``afterok`` on a job that failed)
+    reaches the user as one ``UserError`` with SLURM's words, not submitit's traceback."""
+    import contextlib
+
+    import submitit
+
+    from hpc_btunet.launch import slurm_submit
+
+    class Refusing:
+        def batch(self):
+            return contextlib.nullcontext()
+
+        def submit(self, fn, config):
+            raise submitit.core.utils.FailedJobError(
+                "sbatch: error: Batch job submission failed: Job dependency problem\n"
+            )
+
+    with pytest.raises(UserError) as e:
+        slurm_submit(Refusing(), print, [1, 2])
+    assert str(e.value) == (
+        "SLURM refused the submission: sbatch: error: Batch job submission failed: "
+        "Job dependency problem"
+    )

@@ -67,10 +67,8 @@ def test_experiment_on_two_nodes_with_a_failed_fold_a_requeue_and_a_rerun(data, 
     try:
         _experiment_on_two_nodes(data, exp)
     finally:  # nothing of this test stays queued when it fails
-        subprocess.run(
-            ["scancel", "--name", "hpc-btunet-pretrain,hpc-btunet-finetune,hpc-btunet-report"],
-            timeout=30,
-        )
+        for name in ("hpc-btunet-pretrain", "hpc-btunet-finetune", "hpc-btunet-report"):
+            subprocess.run(["scancel", "--name", name], timeout=30)  # one name per call
 
 
 def _experiment_on_two_nodes(data, exp):
@@ -154,17 +152,23 @@ def _experiment_on_two_nodes(data, exp):
     for name in ("change.png", "qualitative.png"):
         assert (folder / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # rerun: only the failed fold (and the report) are submitted again
+    # afterok on the failed task can never be satisfied (SLURM would accept it and pend for good):
+    # refused before submission, in one message
+    refused = hpc(
+        "finetune", "--data", data, "--out", exp.parent / "refused", "--executor", "slurm",
+        "--profile", "local", "--folds", 1, "--variants", "scratch", "--base-width", 4,
+        "--depth", 2, "--after", tasks["unet/bt/fold-1"], check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"--after {tasks['unet/bt/fold-1']}: that job ended FAILED" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (exp.parent / "refused").exists()
+
+    # rerun: only the failed fold (and the report) are submitted again; --wait follows them
     sabotaged.unlink()
-    again = hpc("experiment", "--data", data, "--out", exp, *OPTIONS).stdout
+    again = hpc("experiment", "--data", data, "--out", exp, *OPTIONS, "--wait").stdout
     assert "submitted 2 job(s)" in again, again
     retried = re.findall(r"^\s+\d+(?:_\d+)?\s+(\S+/fold-\d+)\s", again, re.M)
     assert retried == ["unet/bt/fold-1"], again
-    deadline = time.monotonic() + 300
-    while True:
-        status = hpc("status", "--experiment", exp, check=False).stdout
-        if "finetune 12/12 done" in status and "report 1/1 done" in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    assert hpc("status", "--experiment", exp).returncode == 0
+    assert "finetune 12/12 done; report 1/1 done" in again, again
+    status = hpc("status", "--experiment", exp, "--watch", 1)  # nothing queued: one table, exit 0
+    assert status.stdout.count("summary:") == 1, status.stdout

@@ -144,8 +144,7 @@ def demo(cfg: DemoConfig) -> str:
     table = (folder / "table.md").read_text()
     wall = time.perf_counter() - start
     print(
-        f"\n{table}\nTest split of {cfg.data}; per-image means, mean ± std over {cfg.folds} folds. "
-        f"Report: {folder}/report.md (table, figures, statistics)\n"
+        f"\n{table}\nReport: {folder}/report.md (table, figures, statistics)\n"
         f"demo: finished in {wall:.0f} s ({wall / 60:.1f} min)"
     )
     return table

@@ -319,8 +319,11 @@ class Progress:
 
 def stage_line(stage: str, tasks: list, jobs: dict[str, Any]) -> str:
     """A stage on this machine in one line: pre-training's step and loss, fine-tuning's folds."""
-    done = sum(t.result_file().exists() for t in tasks)
-    running = [t for t in tasks if t.label in jobs and not jobs[t.label].done()]
+    finished = {t.label for t in tasks if t.result_file().exists()}
+    done = len(finished)
+    running = [  # a job whose result is written but whose process is still exiting is done
+        t for t in tasks if t.label in jobs and not jobs[t.label].done() and t.label not in finished
+    ]
     ended = [t for t in tasks if t.label in jobs and jobs[t.label].done()]
     failed = sum(not t.result_file().exists() for t in ended)
     where = "; ".join(

@@ -13,8 +13,8 @@ Eq. 1 per slice, with N its pixels (inside the valid region, see ``hybrid_loss``
 
 The log is taken from the logit (``logsigmoid``), never from a probability rounded to 0, and the
 ratio is computed as ``y p / (y^2 + p^2 + eps^2)``: exactly 0 at ``y = 0`` (the limit of the ratio
-along ``y = 0``, where Eq. 1 is 0/0 at ``p = 0``), within ``eps^2`` of Eq. 1 elsewhere, and with a
-bounded gradient (at most ``1 / (2 eps)``) where ``y`` and ``p`` are both near 0.
+along ``y = 0``, where Eq. 1 is 0/0 at ``p = 0``, NaN in autograd) and within ``eps^2`` of Eq. 1
+elsewhere; the gradient with respect to the logit stays at most 1 per pixel (docs/contrastive.md).
 
 Targets, the paper's open question (docs/contrastive.md gives the reasoning):
 

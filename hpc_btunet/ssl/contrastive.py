@@ -71,8 +71,9 @@ def hybrid_loss(
     without a valid pixel has loss 0."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
-    y = target.float().clamp(0, 1)
-    logits = logits.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision: in float32
+    y = target.to(dtype).clamp(0, 1)
+    logits = logits.to(dtype)
     p, q = torch.sigmoid(logits), torch.sigmoid(-logits)  # marker and background probabilities
     log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
     z = 1 - y
@@ -81,7 +82,7 @@ def hybrid_loss(
     dims = tuple(range(1, terms.dim()))
     if valid is None:
         return -terms.mean(dim=dims)
-    valid = valid.float()
+    valid = valid.to(dtype)
     count = valid.sum(dim=dims)
     return -(terms * valid).sum(dim=dims) / count.clamp_min(1)
 
@@ -147,9 +148,9 @@ class Distortion:
     def _grid(self, like: Tensor) -> Tensor:
         """The sampling grid: output pixel -> input pixel (``align_corners=False`` coordinates)."""
         n, _, h, w = like.shape
-        s = self.scale.to(like.device, torch.float32)
-        o = self.offset.to(like.device, torch.float32)
-        theta = torch.zeros(n, 2, 3, device=like.device)
+        s = self.scale.to(like.device, like.dtype)
+        o = self.offset.to(like.device, like.dtype)
+        theta = torch.zeros(n, 2, 3, device=like.device, dtype=like.dtype)
         # output x_out in [-1, 1] holds input x_in where (x_out + 1) / 2 = o + s (x_in + 1) / 2
         theta[:, 0, 0] = 1 / s[:, 1]
         theta[:, 0, 2] = (1 - s[:, 1] - 2 * o[:, 1]) / s[:, 1]
@@ -165,7 +166,7 @@ class Distortion:
     def valid(self, like: Tensor) -> Tensor:
         """``N x 1 x H x W``: 1 where the distorted content lies, 0 on padding (pixels less than
         half covered count as padding)."""
-        ones = torch.ones(like.shape[0], 1, *like.shape[2:], device=like.device)
+        ones = torch.ones(like.shape[0], 1, *like.shape[2:], device=like.device, dtype=like.dtype)
         return (self.warp(ones) > 0.5).float()
 
     def blur(self, images: Tensor) -> Tensor:
@@ -183,7 +184,7 @@ class Distortion:
 
     def apply(self, images: Tensor) -> Tensor:
         """Blur, then stretch or compress and pad back: float ``N x C x H x W``."""
-        return self.warp(self.blur(images.float()))
+        return self.warp(self.blur(images if images.is_floating_point() else images.float()))
 
 
 @dataclass(frozen=True)

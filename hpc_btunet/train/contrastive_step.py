@@ -84,9 +84,12 @@ def pair_loss(
     number of member slices in the whole plan, per-kind mean losses of these pairs)."""
     count = 2 * len(plan)
     device = images.device
-    if len(rows) == 0:  # nothing here this step; keep every parameter in the graph for DDP
-        zero = sum(p.sum() for p in pair.parameters()) * 0.0
-        return zero, count, {}
+    if len(rows) == 0:
+        # nothing to compute here this step, but the forward still runs (on no image): global
+        # BatchNorm's collectives need every rank, and DDP every parameter in the graph
+        heads_a, heads_b = pair(images[:0], images[:0])
+        zero = sum(h.sum() for h in heads_a + heads_b) + sum(p.sum() for p in pair.parameters())
+        return zero * 0.0, count, {}
     first, second = plan.first[rows].to(device), plan.second[rows].to(device)
     kind, swap = plan.kind[rows].to(device), plan.swap[rows].to(device)
     distort = plan.distort[rows].to(device)

@@ -41,6 +41,9 @@ def test_checksum_is_stored_and_checked(packed):
     m = load_manifest(out)
     assert m.to_json() == content
     assert all(len(s.checksums) == s.count for s in m.shards)
+    # a dataset without image-level labels or organ masks writes neither optional field
+    assert "labels" not in content and "organ" not in content
+    assert m.labels == {} and m.has_organ is False
     # the checksum covers the content, not its layout: re-indented JSON still loads
     (out / MANIFEST_NAME).write_text(json.dumps(content, indent=4, sort_keys=True))
     assert load_manifest(out).to_json() == content
@@ -84,6 +87,11 @@ MALFORMED = {
     "channels 5": (lambda c: c.update(channels=5), "channels must be 1 to 4"),
     "field missing": (lambda c: c.pop("groups"), "lacks groups"),
     "field unknown": (lambda c: c.update(extra=1), "unknown field(s) extra"),
+    "labels not an object": (lambda c: c.update(labels=["normal"]), "labels must be an object"),
+    "label not a string": (lambda c: c.update(labels={c["labelled"][0]: 1}), "labels must be"),
+    "label empty": (lambda c: c.update(labels={c["labelled"][0]: ""}), "non-empty strings"),
+    "label of no sample": (lambda c: c.update(labels={"ghost": "normal"}), "no sample"),
+    "organ not a boolean": (lambda c: c.update(organ="yes"), "organ must be true or false"),
 }
 
 

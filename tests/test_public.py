@@ -362,6 +362,8 @@ def test_busi_labels_unions_and_empty_normal_masks(tmp_path):
     got = _samples(tmp_path / "out")
     assert len(got) == 7 and not m.unlabelled
     assert {k: v["json"]["label"] for k, v in got.items()}["malignant_2"] == "malignant"
+    assert m.labels == {k: v["json"]["label"] for k, v in got.items()}, "the manifest's labels"
+    assert not m.has_organ
     two = got["benign_1"]["mask"].sum()
     assert two > 1.5 * got["benign_2"]["mask"].sum(), "benign (1) has _mask and _mask_1"
     assert got["normal_1"]["mask"].sum() == 0 and got["normal_2"]["mask"].sum() == 0

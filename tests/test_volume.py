@@ -149,8 +149,9 @@ def test_brats_targets(brats_tree, tmp_path, target, values):
         want = np.isin(_seg(root, name)[:, :, int(k)], values).T
         assert np.array_equal(mask > 0, want), key
         assert meta["label"] == ("abnormal" if want.any() else "normal")
+        assert m.labels[key] == meta["label"]
         seen_target |= bool(want.any())
-    assert seen_target
+    assert seen_target and set(m.labels) == set(samples)
 
 
 def test_brats_flat_layout_pad_and_resize(tmp_path):

@@ -1,7 +1,9 @@
 """How a sample is laid out in a shard: WebDataset member names and image encodings.
 
 A sample ``KEY`` is stored as consecutive tar members ``KEY.image.EXT``, ``KEY.mask.EXT`` (when it
-has a mask) and ``KEY.json`` (group and label). ``EXT`` is ``png`` (lossless, the default) or
+has a mask), ``KEY.organ.EXT`` (when it has an organ mask: the lesion dataset) and ``KEY.json``
+(group and label), always in that order and with the JSON member last, which is what tells a
+reader that a sample's members are complete. ``EXT`` is ``png`` (lossless, the default) or
 ``npy`` (raw uint8 arrays: larger, decode-free). Masks are stored as 0/255 so that they can be
 viewed; readers return them as {0, 1}. A sample's checksum is the CRC-32 of its member payloads
 in that order (``payload_crc``): ``pack`` records it in the manifest, the loader checks it on
@@ -52,13 +54,19 @@ def decode_array(data: bytes | memoryview, encoding: str) -> np.ndarray:
 
 
 def sample_members(
-    key: str, image: np.ndarray, mask: np.ndarray | None, meta: dict, encoding: str
+    key: str,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    meta: dict,
+    encoding: str,
+    organ: np.ndarray | None = None,
 ) -> list[tuple[str, bytes]]:
+    """``(member name, payload)`` of one sample, in stored order (see the module docstring)."""
     members = [(f"{key}.image.{encoding}", encode_array(image, encoding))]
-    if mask is not None:
-        members.append(
-            (f"{key}.mask.{encoding}", encode_array(mask.astype(np.uint8) * 255, encoding))
-        )
+    for name, binary in (("mask", mask), ("organ", organ)):
+        if binary is not None:
+            payload = encode_array(binary.astype(np.uint8) * 255, encoding)
+            members.append((f"{key}.{name}.{encoding}", payload))
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
     return members
 

@@ -23,8 +23,9 @@ iteration begin at batch ``k`` without reading the ones before (a job resumed mi
 stays the full count. Within a batch, samples are read in (shard, position) order, neighbours in
 a shard as one read; the manifest's byte offsets let a reader start anywhere in a shard, so one
 shard serves any number of ranks. Batches are dicts: ``key`` (list of str), ``image`` (uint8,
-B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W, when the samples have masks) and ``pad``
-(bool, B).
+B x C x H x W), ``mask`` (uint8 {0,1}, B x 1 x H x W, when the samples have masks), ``organ``
+(uint8 {0,1}, B x 1 x H x W, with ``with_organ``: the organ masks of the lesion dataset) and
+``pad`` (bool, B).
 
 What is checked, so that a damaged dataset stops training with a message naming the shard instead
 of training on garbage: when the stream is built, that every shard exists with the size the
@@ -159,7 +160,8 @@ class ShardStream(IterableDataset):
     ``rank`` and ``world_size`` are plain numbers given by the caller (the data code knows nothing
     else of distribution). Call ``set_epoch`` before each epoch, as with ``DistributedSampler``.
     ``shuffle_window`` bounds how far the shuffle moves a sample from its place in the shard
-    sequence (0 or 1: shard order and rotation only).
+    sequence (0 or 1: shard order and rotation only). ``with_organ`` adds each sample's organ
+    mask to the batch (``organ``); the dataset must store them (``Manifest.has_organ``).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class ShardStream(IterableDataset):
         shuffle: bool = True,
         drop_last: bool = True,
         with_masks: bool | None = None,
+        with_organ: bool = False,
         shuffle_window: int = 256,
         verify: bool = False,
         manifest: Manifest | None = None,
@@ -212,7 +215,14 @@ class ShardStream(IterableDataset):
                 f"the {split} split selection includes samples without masks: load it without "
                 "masks or restrict it to labelled keys (the manifest's labelled subset)"
             )
+        if with_organ and not self.manifest.has_organ:
+            raise UserError(
+                f"the dataset at {self.root} stores no organ masks, and organ masks were asked for "
+                "(with_organ): pack one that does (`hpc-btunet pack --source synthetic --task "
+                "lesion`, or a source that stores organ masks), or load it without them"
+            )
         self.with_masks = with_masks
+        self.with_organ = with_organ
         self.unlabelled = unlabelled
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
@@ -308,8 +318,9 @@ class ShardStream(IterableDataset):
             for f in handles.values():
                 f.close()
 
-    def _layout(self, batch: int) -> tuple[int, int, int, bool]:
-        return batch, self.manifest.channels, self.manifest.image_size, self.with_masks
+    def _layout(self, batch: int) -> tuple[int, int, int, bool, bool]:
+        m = self.manifest
+        return batch, m.channels, m.image_size, self.with_masks, self.with_organ
 
     def use_slots(self, workers: int, depth: int) -> None:
         """Give each of ``workers`` DataLoader workers ``depth`` batch buffers in shared memory,
@@ -324,15 +335,17 @@ class ShardStream(IterableDataset):
         pos: np.ndarray,
         pad: np.ndarray,
         handles: dict[int, BinaryIO],
-        tensors: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+        tensors: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor],
     ) -> dict:
-        """Read and decode one batch into ``tensors`` (images, masks or None, pad flags: see
-        :func:`_batch_tensors`). Samples are placed in plan order but read in (shard, position)
-        order: neighbours in a shard are one read, and reads within a shard go forward."""
-        images, masks, pad_flags = tensors
+        """Read and decode one batch into ``tensors`` (images, masks or None, organ masks or
+        None, pad flags: see :func:`_batch_tensors`). Samples are placed in plan order but read
+        in (shard, position) order: neighbours in a shard are one read, and reads within a shard
+        go forward."""
+        images, masks, organs, pad_flags = tensors
         pad_flags.copy_(torch.from_numpy(pad))
         image_rows = images.numpy()
         mask_rows = None if masks is None else masks.numpy()[:, 0]
+        organ_rows = None if organs is None else organs.numpy()[:, 0]
         keys: list[str] = [""] * len(shard)
         order = np.lexsort((pos, shard)).tolist()
         shard, pos = shard.tolist(), pos.tolist()
@@ -348,12 +361,10 @@ class ShardStream(IterableDataset):
             for k, (slot, members) in enumerate(zip(order[i:j], runs, strict=True)):
                 keys[slot] = info.keys[first + k]
                 mask_row = None if mask_rows is None else mask_rows[slot]
-                self._decode(info, keys[slot], members, image_rows[slot], mask_row)
+                organ_row = None if organ_rows is None else organ_rows[slot]
+                self._decode(info, keys[slot], members, image_rows[slot], mask_row, organ_row)
             i = j
-        out = {"key": keys, "image": images, "pad": pad_flags}
-        if masks is not None:
-            out["mask"] = masks
-        return out
+        return _as_batch(keys, images, masks, organs, pad_flags)
 
     def _handle(self, shard: int, handles: dict[int, BinaryIO]) -> BinaryIO:
         """An open file of shard ``shard``, kept across batches; the plan walks the shards one
@@ -389,6 +400,9 @@ class ShardStream(IterableDataset):
                 wanted = {f"image.{enc}", "json"}
                 if key not in self.unlabelled:
                     wanted.add(f"mask.{enc}")
+                if self.with_organ:
+                    wanted.add(f"organ.{enc}")
+                # the JSON member is a sample's last (codec), so the CRC covers any organ member
                 if wanted <= members.keys():
                     self._check_crc(shard, start + done, members)
                     yield members
@@ -422,37 +436,50 @@ class ShardStream(IterableDataset):
         members: dict[str, memoryview],
         image_slot: np.ndarray,
         mask_slot: np.ndarray | None,
+        organ_slot: np.ndarray | None = None,
     ) -> None:
-        """Decode sample ``key``'s image into ``image_slot`` (C x H x W) and, unless
-        ``mask_slot`` is None, its mask into it (H x W, as {0, 1}), checking the shapes against
-        the manifest's."""
+        """Decode sample ``key``'s image into ``image_slot`` (C x H x W) and, unless their slots
+        are None, its mask and organ mask into theirs (H x W, as {0, 1}), checking the shapes
+        against the manifest's."""
         enc = self.manifest.encoding
+        binaries = [
+            (n, slot)
+            for n, slot in (("mask", mask_slot), ("organ", organ_slot))
+            if slot is not None
+        ]
         try:
             image = decode_array(members[f"image.{enc}"], enc)
-            mask = None
-            if mask_slot is not None:
-                mask = decode_array(members[f"mask.{enc}"], enc)
+            decoded = [(decode_array(members[f"{n}.{enc}"], enc), slot) for n, slot in binaries]
         except (ValueError, RuntimeError, OSError, SyntaxError) as e:
             raise ShardError(
                 f"shard {self.root / shard.name}: sample {key!r} does not decode ({e}): the shard "
                 "is corrupt; run `hpc-btunet verify`, then repack or copy it again"
             ) from e
         image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-        if image.shape != image_slot.shape or (mask is not None and mask.shape != mask_slot.shape):
-            found = tuple(image.shape) if image.shape != image_slot.shape else tuple(mask.shape)
+        wrong = [a.shape for a, slot in [(image, image_slot), *decoded] if a.shape != slot.shape]
+        if wrong:
             raise ShardError(
-                f"shard {self.root / shard.name}: sample {key!r} has shape {found}, "
+                f"shard {self.root / shard.name}: sample {key!r} has shape {tuple(wrong[0])}, "
                 f"the manifest says {tuple(image_slot.shape)}; repack the dataset"
             )
         image_slot[...] = image
-        if mask is not None:
-            np.greater(mask, 0, out=mask_slot)
+        for binary, slot in decoded:
+            np.greater(binary, 0, out=slot)
 
 
-def _batch_bytes(batch: int, channels: int, size: int, with_masks: bool) -> list[int]:
-    """Bytes of a batch's images, masks and pad flags, in the order one storage holds them."""
+def _batch_bytes(
+    batch: int, channels: int, size: int, with_masks: bool, with_organ: bool = False
+) -> list[int]:
+    """Bytes of a batch's images, masks, organ masks and pad flags, in the order one storage
+    holds them."""
     pixels = size * size
-    return [batch * channels * pixels, batch * pixels if with_masks else 0, batch]
+    binary = batch * pixels
+    return [
+        batch * channels * pixels,
+        binary if with_masks else 0,
+        binary if with_organ else 0,
+        batch,
+    ]
 
 
 def _batch_tensors(
@@ -460,24 +487,42 @@ def _batch_tensors(
     channels: int,
     size: int,
     with_masks: bool,
+    with_organ: bool = False,
     shared: bool = False,
     storage: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Images (uint8, B x C x H x W), masks (uint8, B x 1 x H x W, or None) and pad flags (bool,
-    B) of one batch, as views of one storage: ``storage`` (uint8, 1-D, of the batch's size), or
-    a new uninitialised one, in shared memory when ``shared`` (a worker's batch then reaches the
-    main process as one file descriptor, with no copy)."""
-    lengths = _batch_bytes(batch, channels, size, with_masks)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Images (uint8, B x C x H x W), masks and organ masks (uint8, B x 1 x H x W, or None) and
+    pad flags (bool, B) of one batch, as views of one storage: ``storage`` (uint8, 1-D, of the
+    batch's size), or a new uninitialised one, in shared memory when ``shared`` (a worker's batch
+    then reaches the main process as one file descriptor, with no copy)."""
+    lengths = _batch_bytes(batch, channels, size, with_masks, with_organ)
     if storage is None:
         storage = torch.empty(sum(lengths), dtype=torch.uint8)
         if shared:
             storage.share_memory_()
-    images, masks, pad = storage.split(lengths)
+    images, masks, organs, pad = storage.split(lengths)
     return (
         images.view(batch, channels, size, size),
         masks.view(batch, 1, size, size) if with_masks else None,
+        organs.view(batch, 1, size, size) if with_organ else None,
         pad.view(torch.bool),
     )
+
+
+def _as_batch(
+    keys: list[str],
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    organs: torch.Tensor | None,
+    pad: torch.Tensor,
+) -> dict:
+    """A batch as the loader yields it: ``mask`` and ``organ`` only when they were read."""
+    batch = {"key": keys, "image": images, "pad": pad}
+    if masks is not None:
+        batch["mask"] = masks
+    if organs is not None:
+        batch["organ"] = organs
+    return batch
 
 
 _SHM = "/dev/shm"  # where torch's shared memory lives (both sharing strategies)
@@ -499,7 +544,7 @@ class _BatchSlots:
     after the copy, so a batch overwritten while it was read would be an error, never a silent
     mix of two batches."""
 
-    def __init__(self, workers: int, depth: int, layout: tuple[int, int, int, bool]) -> None:
+    def __init__(self, workers: int, depth: int, layout: tuple[int, int, int, bool, bool]) -> None:
         self.depth, self.layout = depth, layout
         self.slot_bytes = sum(_batch_bytes(*layout))
         need = workers * depth * self.slot_bytes
@@ -522,7 +567,9 @@ class _BatchSlots:
     def slot(self, worker: int, n: int) -> int:
         return worker * self.depth + n % self.depth
 
-    def tensors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def tensors(
+        self, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         start = slot * self.slot_bytes
         return _batch_tensors(*self.layout, storage=self.storage[start : start + self.slot_bytes])
 
@@ -541,11 +588,7 @@ class _BatchSlots:
                 f"loader slot {slot} was rewritten before batch {seq} was copied out of it "
                 f"(stamps {before}, {int(self.stamps[slot])}): a bug in hpc_btunet, please report it"
             )
-        images, masks, pad = _batch_tensors(*self.layout, storage=storage)
-        batch = {"key": message["key"], "image": images, "pad": pad}
-        if masks is not None:
-            batch["mask"] = masks
-        return batch
+        return _as_batch(message["key"], *_batch_tensors(*self.layout, storage=storage))
 
 
 class _SlotLoader(DataLoader):

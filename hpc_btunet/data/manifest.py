@@ -3,7 +3,9 @@
 ``manifest.json`` is written last by ``pack``; its presence is what makes a dataset complete.
 Besides the source, image size, channels, encoding, seed, split fractions and counts, it lists
 by sample key the train/test split, the labelled subset, its folds, each sample's group and the
-samples without masks. Each shard entry lists its sample keys, their byte offsets in the tar file
+samples without masks; two fields are optional (manifests without them stay valid): ``labels``,
+each sample's image-level label (``abnormal``/``normal``, BUSI's classes), when the source gives
+any, and ``organ``, true when every sample stores an organ mask. Each shard entry lists its sample keys, their byte offsets in the tar file
 (so a reader can start at any sample without scanning the shard, and a rank can take part of a
 shard) and the CRC-32 of each sample's member payloads (``checksums``, checked by the loader on
 every read, so a flipped byte never trains silently), besides the shard's size and sha256 (checked
@@ -72,6 +74,8 @@ class Manifest:
     schema: str = SCHEMA
     package_version: str = ""
     counts: dict = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # image-level label by key ({}: none)
+    has_organ: bool = False  # every sample has a KEY.organ.EXT member (the JSON field ``organ``)
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -96,8 +100,14 @@ class Manifest:
     def to_json(self) -> dict:
         """The content of ``manifest.json``: the fields, then ``checksum`` over all of them."""
         d = asdict(self)
+        labels, organ = d.pop("labels"), d.pop("has_organ")
         order = ["schema", "package_version", "source", "image_size", "channels", "encoding"]
         d = {k: d[k] for k in order} | {k: v for k, v in d.items() if k not in order}
+        # the optional fields only when set: a dataset without them is written as before
+        if labels:
+            d["labels"] = labels
+        if organ:
+            d["organ"] = True
         return d | {"checksum": manifest_checksum(d)}
 
     @classmethod
@@ -116,7 +126,7 @@ class Manifest:
                     f"{where} is corrupted or was edited: its checksum does not match its "
                     f"content; {_REPACK}, or copy {MANIFEST_NAME} again from where it was packed"
                 )
-            _check_fields(d, _FIELDS, "the manifest")
+            _check_fields(d, _FIELDS, "the manifest", _OPTIONAL_FIELDS)
             for i, s in enumerate(d["shards"]):
                 _check_fields(s, _SHARD_FIELDS, f"shard entry {i}")
             _check_consistency(d)
@@ -124,9 +134,9 @@ class Manifest:
             raise UserError(f"{where} is not a valid manifest ({e}): {_REPACK}") from None
         except _Outdated as e:
             raise UserError(f"{where} {e}: {_REPACK}") from None
-        fields = {k: v for k, v in d.items() if k != "checksum"}
+        fields = {k: v for k, v in d.items() if k not in ("checksum", "organ")}
         fields["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**fields)
+        return cls(**fields, has_organ=d.get("organ", False))
 
 
 def manifest_checksum(content: dict) -> str:
@@ -260,6 +270,13 @@ _FIELDS: _Spec = {
     "counts": (lambda v: isinstance(v, dict), "an object"),
     "checksum": (_is_sha256, "a sha256 in hex"),
 }
+_OPTIONAL_FIELDS: _Spec = {
+    "labels": (
+        lambda v: isinstance(v, dict) and all(isinstance(g, str) and g for g in v.values()),
+        "an object mapping sample keys to image-level labels (non-empty strings)",
+    ),
+    "organ": (lambda v: isinstance(v, bool), "true or false"),
+}
 _SHARD_FIELDS: _Spec = {
     "name": (
         lambda v: isinstance(v, str) and SHARD_PATTERN.match(v) is not None,
@@ -281,16 +298,18 @@ _SHARD_FIELDS: _Spec = {
 }
 
 
-def _check_fields(d: object, spec: _Spec, what: str) -> None:
+def _check_fields(d: object, spec: _Spec, what: str, optional: _Spec | None = None) -> None:
+    """Every field of ``spec`` present and of its type; those of ``optional`` when present."""
     if not isinstance(d, dict):
         raise _Invalid(f"{what} is a JSON {_json_type(d)}, not an object")
     missing = [k for k in spec if k not in d]
     if missing:
         raise _Invalid(f"{what} lacks {', '.join(missing)}")
-    unknown = [k for k in d if k not in spec]
+    optional = optional or {}
+    unknown = [k for k in d if k not in spec and k not in optional]
     if unknown:
         raise _Invalid(f"{what} has unknown field(s) {', '.join(map(str, unknown))}")
-    for name, (ok, must_be) in spec.items():
+    for name, (ok, must_be) in (spec | {k: v for k, v in optional.items() if k in d}).items():
         if not ok(d[name]):
             raise _Invalid(f"{what} field {name} must be {must_be}, found {_brief(d[name])}")
 
@@ -354,6 +373,9 @@ def _check_key_sets(d: dict) -> None:
         raise _Invalid("unlabelled keys must be train keys outside the labelled subset")
     if set(d["groups"]) != train | set(splits["test"]):
         raise _Invalid("groups must name the group of every sample, and only those")
+    strangers = sorted(set(d.get("labels", {})) - set(d["groups"]))
+    if strangers:
+        raise _Invalid(f"labels name a key that is no sample of the dataset ({strangers[0]!r})")
 
 
 def _refuse_repeats(counter: Counter, what: str) -> None:

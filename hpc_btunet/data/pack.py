@@ -4,9 +4,11 @@ Order of work, so that bad input costs nothing and a crash loses nothing:
 1. list and validate the whole source (every offending file named in one error), split it;
 2. write each shard under a temporary name, rename it when complete, and record it in a journal
    (with everything the manifest says of it: keys, offsets, per-sample CRC-32 checksums);
-3. write the manifest last. A killed pack leaves no manifest; rerunning the same command keeps
-   the shards the journal vouches for (size and sha256 re-checked) and writes the rest, so the
-   manifest comes out identical to that of an uninterrupted pack.
+3. write the manifest last (with the image-level labels of the entries that have one, and
+   ``organ`` when every sample carries an organ mask). A killed pack leaves no manifest;
+   rerunning the same command keeps the shards the journal vouches for (size and sha256
+   re-checked) and writes the rest, so the manifest comes out identical to that of an
+   uninterrupted pack.
 """
 
 from __future__ import annotations
@@ -144,26 +146,28 @@ def _fingerprint(source: Source, cfg: PackConfig, entries: list[Entry]) -> str:
 
 def _load_journal(
     out: Path, fingerprint: str, plan: list[tuple[str, list[str]]]
-) -> dict[str, ShardInfo]:
+) -> tuple[dict[str, ShardInfo], dict[str, bool]]:
     """Shards recorded as complete by an interrupted pack of the same inputs, still intact, as
-    the manifest will describe them. A journal that cannot be read counts as none."""
+    the manifest will describe them, and whether each holds an organ mask for every sample. A
+    journal that cannot be read counts as none."""
     try:
         journal = json.loads((out / JOURNAL_NAME).read_bytes())
     except (OSError, ValueError):
-        return {}
+        return {}, {}
     if not isinstance(journal, dict) or journal.get("fingerprint") != fingerprint:
-        return {}
-    records = journal.get("shards")
-    done = {}
+        return {}, {}
+    records, organ = journal.get("shards"), journal.get("organ")
+    done, organs = {}, {}
     for name, keys in plan:
         rec = records.get(name) if isinstance(records, dict) else None
+        has_organ = organ.get(name) if isinstance(organ, dict) else None
         try:
             info = ShardInfo(**rec)
         except TypeError:  # no record, or one written by another version
             continue
-        if _still_valid(out / name, info, keys):
-            done[name] = info
-    return done
+        if isinstance(has_organ, bool) and _still_valid(out / name, info, keys):
+            done[name], organs[name] = info, has_organ
+    return done, organs
 
 
 def _still_valid(path: Path, info: ShardInfo, keys: list[str]) -> bool:
@@ -192,8 +196,9 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int
 
 def _write_shard(
     path: Path, entries: list[Entry], load: Callable, encoding: str, pool, pool_size: int, bar
-) -> ShardInfo:
-    keys, offsets, checksums = [], [], []
+) -> tuple[ShardInfo, bool]:
+    """Write one shard; returns its manifest entry and whether every sample has an organ mask."""
+    keys, offsets, checksums, organs = [], [], [], []
     with (
         atomic_open(path, "wb") as f,
         tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
@@ -203,14 +208,18 @@ def _write_shard(
             offsets.append(tar.offset)
             meta = {**(sample.extra or {}), "key": sample.key, "group": sample.group}
             meta["label"] = sample.label
-            members = sample_members(sample.key, sample.image, sample.mask, meta, encoding)
+            members = sample_members(
+                sample.key, sample.image, sample.mask, meta, encoding, sample.organ
+            )
+            organs.append(sample.organ is not None)
             for name, data in members:
                 add_member(tar, name, data)
             checksums.append(payload_crc(data for _, data in members))
             bar.update(1)
     split = path.name.split("-")[0]
     size, sha256 = path.stat().st_size, sha256_file(path)
-    return ShardInfo(path.name, split, len(keys), size, sha256, keys, offsets, checksums)
+    info = ShardInfo(path.name, split, len(keys), size, sha256, keys, offsets, checksums)
+    return info, all(organs)
 
 
 def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) -> Manifest:
@@ -248,6 +257,13 @@ def pack(source: Source, cfg: PackConfig, log: Callable[[str], None] = print) ->
 
 def _plan(source: Source, cfg: PackConfig, log: Callable[[str], None]):
     """Entries, validated, with their splits and the shard plan: everything before writing."""
+    least = getattr(source, "min_image_size", MIN_IMAGE_SIZE)  # a source may need more pixels
+    if cfg.image_size < least:
+        what = " ".join(n for n in (source.kind, getattr(source, "task", None)) if n)
+        raise UserError(
+            f"--image-size must be at least {least} for {what} images, got {cfg.image_size}: "
+            "raise it"
+        )
     entries = source.entries()
     for warning in getattr(source, "warnings", []):
         log(f"warning: {warning}")
@@ -281,7 +297,7 @@ def _write(
             p.unlink()
 
     fingerprint = _fingerprint(source, cfg, entries)
-    done = _load_journal(out, fingerprint, plan)
+    done, organs = _load_journal(out, fingerprint, plan)
     if done:
         log(f"resuming an interrupted pack: {len(done)} of {len(plan)} shards already complete")
 
@@ -297,12 +313,13 @@ def _write(
         for name, keys in plan:
             if name in done:
                 continue
-            infos[name] = _write_shard(
+            infos[name], organs[name] = _write_shard(
                 out / name, [by_key[k] for k in keys], load, cfg.encoding, pool, cfg.workers, bar
             )
             journal = {
                 "fingerprint": fingerprint,
                 "shards": {n: asdict(i) for n, i in infos.items()},
+                "organ": organs,
             }
             write_json(out / JOURNAL_NAME, journal)
 
@@ -324,6 +341,10 @@ def _write(
         unlabelled=sorted(e.key for e in entries if not e.has_mask),
         shards=[infos[name] for name, _ in plan],
         package_version=__version__,
+        labels={
+            e.key: e.label for e in sorted(entries, key=lambda e: e.key) if e.label is not None
+        },
+        has_organ=all(organs[name] for name, _ in plan),
     )
     write_json(out / MANIFEST_NAME, manifest.to_json())
     (out / JOURNAL_NAME).unlink(missing_ok=True)

@@ -25,7 +25,9 @@ class Entry:
 
 @dataclass(frozen=True)
 class Sample:
-    """A decoded sample: ``image`` uint8 HxW (grayscale) or HxWx3 (RGB); ``mask`` uint8 HxW in {0, 1}."""
+    """A decoded sample: ``image`` uint8 HxW (grayscale) or HxWx3 (RGB); ``mask`` uint8 HxW in {0, 1};
+    ``organ`` uint8 HxW in {0, 1}, the region of the organ the image shows (stored as the
+    ``KEY.organ.EXT`` member when set; a source that resizes images resizes it like a mask)."""
 
     key: str
     image: np.ndarray
@@ -33,6 +35,7 @@ class Sample:
     group: str
     label: str | None = None
     extra: dict | None = None  # more of the sample's JSON member (e.g. the padding of --resize pad)
+    organ: np.ndarray | None = None
 
 
 class Source(Protocol):
@@ -54,5 +57,5 @@ class Source(Protocol):
         ...
 
     def load(self, entry: Entry, image_size: int) -> Sample:
-        """The sample resized to ``image_size`` x ``image_size``, image uint8, mask uint8 {0, 1}."""
+        """The sample resized to ``image_size`` x ``image_size``, image uint8, masks uint8 {0, 1}."""
         ...

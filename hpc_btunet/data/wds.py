@@ -6,14 +6,15 @@ DDP and on resume. :func:`webdataset_pipeline` reads the same shards with webdat
 stages instead, for code that brings its own loop::
 
     shard list -> [shard shuffle] -> split_by_node -> split_by_worker -> tar samples
-        -> checked against the manifest -> [sample shuffle] -> decoded -> {key, image, mask, label}
+        -> checked against the manifest -> [sample shuffle] -> decoded
+        -> {key, image, mask, organ, label}
 
 It keeps what the loader guarantees about each sample: only the keys selected (a split, the
 labelled subset, or a fold's training or validation part), each sample's CRC-32 over its member
 payloads compared with the manifest's before anything is decoded (a damaged sample raises
 :class:`~hpc_btunet.errors.ShardError` naming the shard and the key), images uint8 H x W x C and
-masks uint8 H x W in {0, 1} (None for a sample packed without one), shapes checked against the
-manifest. Images are decoded by webdataset's decoders where those keep the channels as packed
+masks uint8 H x W in {0, 1} (None for a sample packed without one), organ masks likewise (None
+unless the dataset stores them: the lesion dataset), shapes checked against the manifest. Images are decoded by webdataset's decoders where those keep the channels as packed
 (PNG of 1, 3 or 4 channels; ``.npy``), by the toolkit's codec otherwise (2-channel PNG).
 
 What it does not keep is the loader's order. webdataset deals whole shards to ranks and then to
@@ -63,8 +64,9 @@ def webdataset_pipeline(
 
     With ``fold``, the samples of that fold's ``part``: ``"train"`` (the labelled subset minus
     the fold) or ``"val"`` (the fold); with ``labelled``, the labelled subset. Samples are dicts:
-    ``key``, ``image`` (uint8 H x W x C), ``mask`` (uint8 H x W in {0, 1}, or None) and ``label``
-    (str or None). ``shuffle``: the sample buffer (0: shards and samples in stored order).
+    ``key``, ``image`` (uint8 H x W x C), ``mask`` (uint8 H x W in {0, 1}, or None), ``organ``
+    (uint8 H x W in {0, 1} when the dataset stores organ masks, else None) and ``label`` (str or
+    None). ``shuffle``: the sample buffer (0: shards and samples in stored order).
     ``verify``: check every shard's sha256 first (reads them once more); their existence and size
     are always checked, and every sample's CRC-32 as it is read. More stages can be added with
     ``.compose(...)`` (e.g. ``webdataset.batched(16)``). Raises ``UserError`` for bad input."""
@@ -153,10 +155,13 @@ def check_shard_files(root: Path, shards: list[ShardInfo]) -> None:
 
 class CheckedSamples:
     """The pipeline stage between the tar reader and the decoder: keeps the selected samples,
-    each with its members in stored order, after comparing their CRC-32 with the manifest's."""
+    each with its members in stored order, after comparing their CRC-32 with the manifest's.
+    An organ member is part of the CRC wherever it is stored, and required where the manifest
+    says every sample has one."""
 
     def __init__(self, manifest: Manifest, urls: dict[str, ShardInfo], keys: set[str] | None):
         self.encoding = manifest.encoding
+        self.organ = manifest.has_organ
         self.unlabelled = set(manifest.unlabelled)
         self.shards = {url: (s, {k: i for i, k in enumerate(s.keys)}) for url, s in urls.items()}
         self.keys = keys
@@ -173,9 +178,12 @@ class CheckedSamples:
                 )
             if self.keys is not None and key not in self.keys:
                 continue
-            members = [f"image.{self.encoding}", "json"]
+            members = [f"image.{self.encoding}"]
             if key not in self.unlabelled:
-                members.insert(1, f"mask.{self.encoding}")
+                members.append(f"mask.{self.encoding}")
+            if self.organ or f"organ.{self.encoding}" in sample:
+                members.append(f"organ.{self.encoding}")
+            members.append("json")
             missing = [m for m in members if m not in sample]
             if missing:
                 raise ShardError(
@@ -191,7 +199,7 @@ class CheckedSamples:
 
 
 class _Member:
-    """A webdataset decoding handler for one member name only (``image.png``, ``mask.png``)."""
+    """A webdataset decoding handler for one member name only (``image.png``, ``mask.png``, ...)."""
 
     def __init__(self, name: str, handler) -> None:
         self.name, self.handler = "." + name, handler
@@ -213,7 +221,8 @@ def _decoders(manifest: Manifest) -> list:
     # webdataset converts every PNG to one mode; these keep the channels as packed
     spec = {1: "l8", 3: "rgb8", 4: "rgba8"}.get(manifest.channels)
     image = ImageHandler(spec) if spec else _codec_png
-    return [_Member("mask.png", ImageHandler("l8")), _Member("image.png", image)]
+    binary = ImageHandler("l8")
+    return [_Member("mask.png", binary), _Member("organ.png", binary), _Member("image.png", image)]
 
 
 def _as_sample(size: int, channels: int, sample: dict) -> dict:
@@ -221,6 +230,7 @@ def _as_sample(size: int, channels: int, sample: dict) -> dict:
     key, url = sample["__key__"], sample["__url__"]
     image = next(v for k, v in sample.items() if k.startswith("image."))
     mask = next((v for k, v in sample.items() if k.startswith("mask.")), None)
+    organ = next((v for k, v in sample.items() if k.startswith("organ.")), None)
     if not image.flags.writeable:  # Pillow's arrays are read-only; torch warns about those
         image = image.copy()
     if image.ndim == 2:
@@ -230,6 +240,7 @@ def _as_sample(size: int, channels: int, sample: dict) -> dict:
         for name, a, shape in (
             ("image", image, (size, size, channels)),
             ("mask", mask, (size, size)),
+            ("organ mask", organ, (size, size)),
         )
         if a is not None and (a.shape != shape or a.dtype != np.uint8)
     ]
@@ -244,6 +255,7 @@ def _as_sample(size: int, channels: int, sample: dict) -> dict:
         "key": key,
         "image": image,
         "mask": None if mask is None else (mask > 0).astype(np.uint8),
+        "organ": None if organ is None else (organ > 0).astype(np.uint8),
         "label": meta.get("label") if isinstance(meta, dict) else None,
     }
 

@@ -53,7 +53,8 @@ def _add_pack(sub) -> None:
     p.add_argument(
         "--source",
         default="synthetic",
-        help="synthetic (built-in nuclei), folder (images/ + masks/), or a public dataset as "
+        help="synthetic (built-in: --task nuclei or lesion), folder (images/ + masks/), or a "
+        "public dataset as "
         "downloaded: kdsb18, isic2018, busi, busis (2-D images), brats, decathlon (NIfTI "
         "volumes, packed as axial slices)",
     )
@@ -92,12 +93,29 @@ def _add_pack(sub) -> None:
         help="brats, decathlon: per-volume intensity percentiles LO,HI (of the non-zero voxels) "
         "clipped to before scaling to 0-255",
     )
-    p.add_argument("--out", type=Path, help="output folder (default: shards/<source>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: shards/<source>; shards/synthetic-lesion for --task lesion)",
+    )
     p.add_argument(
         "--num-images", type=int, default=200, help="--source synthetic: how many images"
     )
     p.add_argument(
-        "--group-size", type=int, default=1, help="--source synthetic: images per slide (group)"
+        "--group-size",
+        type=int,
+        default=1,
+        help="--source synthetic: images per group (a slide; with --task lesion, a patient)",
+    )
+    p.add_argument(
+        "--task",
+        help="--source synthetic: nuclei (default: fluorescence nuclei with masks) or lesion "
+        "(organ slices labelled normal/abnormal, lesion masks for evaluation, organ masks)",
+    )
+    p.add_argument(
+        "--abnormal-fraction",
+        type=float,
+        help="--task lesion: the fraction of images with lesions, in (0, 1); default 0.5",
     )
     p.add_argument("--image-size", type=int, default=256, help="images are resized to SIZE x SIZE")
     p.add_argument(
@@ -156,7 +174,8 @@ def _run_pack(args) -> int:
     from hpc_btunet.data.splits import SplitConfig
 
     start = time.perf_counter()
-    out = args.out or Path("shards") / args.source
+    task = f"-{args.task}" if args.source == "synthetic" and args.task == "lesion" else ""
+    out = args.out or Path("shards") / f"{args.source}{task}"
     cfg = PackConfig(
         out=out,
         image_size=args.image_size,
@@ -173,6 +192,8 @@ def _run_pack(args) -> int:
         channels=args.channels,
         seed=args.seed,
         group_size=args.group_size,
+        task=args.task,
+        abnormal_fraction=args.abnormal_fraction,
         unlabelled=args.unlabelled,
         mask_suffix=args.mask_suffix,
         group_regex=args.group_regex,

@@ -1,7 +1,9 @@
 """Registry of dataset sources for ``pack``: a name maps to an adapter class and its options.
 
 Adapters for public datasets (KDSB18, ISIC18, BUSI, BUSIS, BraTS18) register here beside the
-built-in synthetic nuclei and the generic images/ + masks/ folder.
+built-in synthetic datasets (``--task nuclei``: fluorescence nuclei with masks; ``--task lesion``:
+organ slices labelled normal/abnormal, with lesion and organ masks) and the generic
+images/ + masks/ folder.
 """
 
 from __future__ import annotations
@@ -9,14 +11,36 @@ from __future__ import annotations
 from hpc_btunet.data.sample import Source
 from hpc_btunet.errors import UserError
 
+TASKS = ("nuclei", "lesion")  # the built-in synthetic datasets; the first is the default
+_SYNTHETIC_ONLY = ("task", "abnormal_fraction")  # options of --source synthetic alone
 
-def _synthetic(root, num_images, channels, seed, group_size, **_):
-    from hpc_btunet.data.synthetic import SyntheticSource
 
+def _synthetic(root, num_images, channels, seed, group_size, task=None, abnormal_fraction=None,
+               **_):  # fmt: skip
     if root is not None:
         raise UserError(
             "--root is not used with --source synthetic: drop it or use --source folder"
         )
+    task = TASKS[0] if task is None else task
+    if task not in TASKS:
+        raise UserError(
+            f"unknown --task {task!r} for --source synthetic: choose {' or '.join(TASKS)}"
+        )
+    if task == "lesion":
+        from hpc_btunet.data.lesions import LesionSource
+
+        if channels not in ("auto", 1, "1"):
+            raise UserError(
+                f"--task lesion makes grey images: drop --channels {channels} (or give 1)"
+            )
+        fraction = 0.5 if abnormal_fraction is None else abnormal_fraction
+        return LesionSource(num_images, seed, group_size, abnormal_fraction=fraction)
+    if abnormal_fraction is not None:
+        raise UserError(
+            "--abnormal-fraction is an option of --task lesion: drop it, or add --task lesion"
+        )
+    from hpc_btunet.data.synthetic import SyntheticSource
+
     return SyntheticSource(
         num_images=num_images,
         channels=1 if channels == "auto" else int(channels),
@@ -82,4 +106,11 @@ def build_source(name: str, **options) -> Source:
         factory = SOURCES[name]
     except KeyError:
         raise UserError(f"unknown --source {name!r}: choose one of {', '.join(SOURCES)}") from None
+    given = [k for k in _SYNTHETIC_ONLY if options.get(k) is not None]
+    if given and name != "synthetic":
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(
+            f"{flag} is an option of --source synthetic, not of --source {name}: drop it, or "
+            "pack the built-in dataset (--source synthetic)"
+        )
     return factory(**options)

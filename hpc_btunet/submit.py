@@ -245,6 +245,7 @@ def _add_jobs(sub) -> None:
     from hpc_btunet.config import add_arguments
     from hpc_btunet.launch import LaunchConfig
     from hpc_btunet.pipeline import DemoConfig
+    from hpc_btunet.train.contrastive import ContrastiveConfig
     from hpc_btunet.train.finetune import FinetuneConfig
     from hpc_btunet.train.pretrain import PretrainConfig
 
@@ -258,6 +259,12 @@ def _add_jobs(sub) -> None:
             "finetune",
             FinetuneConfig,
             "fine-tune a whole model on folds of the labelled subset, test on the test split",
+        ),
+        (
+            "contrastive",
+            ContrastiveConfig,
+            "the second method: a UNet++ pair trained contrastively from image-level labels "
+            "(normal/abnormal), or the CAM baseline (--method cam); scored on the test split",
         ),
     )
     for name, cls, text in jobs:
@@ -364,18 +371,24 @@ def _finetune_tasks(cfg, args, wait_for_pretrain: bool) -> list:
 def _run_job(args) -> int:
     from hpc_btunet.config import resolve
     from hpc_btunet.launch import LaunchConfig, submit
-    from hpc_btunet.train import finetune, pretrain
+    from hpc_btunet.train import contrastive, finetune, pretrain
 
     cfg = resolve(args.config_class, args, others=(LaunchConfig,))
     launch = resolve(LaunchConfig, args, others=(args.config_class,), logs=Path(cfg.out) / "logs")
     if args.job == "pretrain":
         tasks, fn = [cfg], pretrain.run
+    elif args.job == "contrastive":
+        tasks, fn = [cfg], contrastive.run
     else:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
     for task in tasks:
         task.preflight(launch.world_size, launch.device_type)
     labels = [
-        f"{t.model}" if args.job == "pretrain" else f"{t.model}/{t.variant}/fold-{t.fold}"
+        f"{t.model}"
+        if args.job == "pretrain"
+        else f"{t.method}/{t.model}"
+        if args.job == "contrastive"
+        else f"{t.model}/{t.variant}/fold-{t.fold}"
         for t in tasks
     ]
     submit(launch, args.job, fn, tasks, labels)

@@ -52,7 +52,7 @@ from hpc_btunet.train.contrastive_step import ContrastivePair, PairTargets, pair
 from hpc_btunet.train.engine import BN_SCOPES
 from hpc_btunet.train.finetune import EMPTY_RULE, PREDICTIONS_NAME, write_predictions
 from hpc_btunet.train.integrity import verify_before_training
-from hpc_btunet.train.job import JobConfig
+from hpc_btunet.train.job import StepJobConfig
 from hpc_btunet.train.metrics import SegmentationMetrics, confusion, scores
 from hpc_btunet.train.optim import warmup_cosine
 from hpc_btunet.train.session import Session, run_job
@@ -61,7 +61,7 @@ METHODS = ("pair", "cam")
 
 
 @dataclass
-class ContrastiveConfig(JobConfig):
+class ContrastiveConfig(StepJobConfig):
     model: str = option(
         "unet_plus_plus", "model of both networks (the paper: unet_plus_plus), or of the CAM's"
     )
@@ -70,10 +70,6 @@ class ContrastiveConfig(JobConfig):
         "pair: the contrastive UNet++ pair; cam: the baseline, a classifier's class activation map",
         choices=METHODS,
     )
-    epochs: int | None = option(
-        20, "epochs over the train split (ignored when --steps is set)", min=1
-    )
-    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)", min=1)
     batch_size: int = option(
         16, "images per rank; the global batch, whose pairs are formed, is this x world size", min=1
     )
@@ -118,27 +114,14 @@ class ContrastiveConfig(JobConfig):
     cam_threshold: float = option(
         0.5, "--method cam: the map's fraction of its maximum that counts as lesion", above=0, max=1
     )
-    checkpoint_every: int = option(
-        50, "steps between checkpoints (and one at the end)", min=1, identity=False
-    )
-    log_every: int = option(10, "steps between log lines", min=1, identity=False)
-    verify: bool = option(False, "check every shard's sha256 before training", identity=False)
-    dist_timeout: float = option(
-        600.0,
-        "seconds a collective may wait for a lost rank before the job fails",
-        above=0,
-        identity=False,
-    )
 
     result_name: ClassVar[str] = "metrics.json"
     layout_options: ClassVar[tuple[str, ...]] = ("batch_size", "bn_scope")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps is None and self.epochs is None:
-            raise UserError("set --epochs (at least 1) or --steps")
         check_eta(self.eta)
-        check_kinds([k.strip() for k in self.pairs.split(",") if k.strip()])
+        self.kinds  # noqa: B018  (refuses a --pairs policy without negative pairs)
 
     @property
     def kinds(self) -> tuple[str, ...]:

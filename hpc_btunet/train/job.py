@@ -241,3 +241,30 @@ class JobConfig:
 
     def check_inputs(self, manifest, world_size: int) -> None:
         """Job-specific checks against the dataset (a job overrides)."""
+
+
+@dataclass
+class StepJobConfig(JobConfig):
+    """Options of the jobs that count optimiser steps (pre-training, the contrastive pair):
+    their length, checkpoints, log lines, shard verification and collective timeout."""
+
+    epochs: int | None = option(
+        20, "epochs over the train split (ignored when --steps is set)", min=1
+    )
+    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)", min=1)
+    checkpoint_every: int = option(
+        50, "steps between checkpoints (and one at the end)", min=1, identity=False
+    )
+    log_every: int = option(10, "steps between log lines", min=1, identity=False)
+    verify: bool = option(False, "check every shard's sha256 before training", identity=False)
+    dist_timeout: float = option(
+        600.0,
+        "seconds a collective may wait for a lost rank before the job fails",
+        above=0,
+        identity=False,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps is None and self.epochs is None:
+            raise UserError("set --epochs (at least 1) or --steps")

@@ -41,7 +41,7 @@ from hpc_btunet.ssl import BarlowTwinsLoss, Projector, TwoViews, ViewConfig, cro
 from hpc_btunet.train.checkpoint import latest_checkpoint, save_weights
 from hpc_btunet.train.engine import BN_SCOPES, Engine
 from hpc_btunet.train.integrity import verify_before_training
-from hpc_btunet.train.job import JobConfig
+from hpc_btunet.train.job import StepJobConfig
 from hpc_btunet.train.optim import OPTIMIZERS, build_optimizer, warmup_cosine
 from hpc_btunet.train.session import Session, run_job
 
@@ -57,11 +57,7 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
-class PretrainConfig(JobConfig):
-    epochs: int | None = option(
-        20, "epochs over the train split (ignored when --steps is set)", min=1
-    )
-    steps: int | None = option(None, "optimiser steps in total (overrides --epochs)", min=1)
+class PretrainConfig(StepJobConfig):
     batch_size: int = option(
         32,
         "images per rank and micro-batch; the global batch is this x --accumulate x world size",
@@ -96,17 +92,6 @@ class PretrainConfig(JobConfig):
     rotation: float = option(
         90.0, "views: rotations are drawn from [-ROTATION, ROTATION] degrees", min=0, max=180
     )
-    checkpoint_every: int = option(
-        50, "steps between checkpoints (and one at the end)", min=1, identity=False
-    )
-    log_every: int = option(10, "steps between log lines", min=1, identity=False)
-    verify: bool = option(False, "check every shard's sha256 before training", identity=False)
-    dist_timeout: float = option(
-        600.0,
-        "seconds a collective may wait for a lost rank before the job fails",
-        above=0,
-        identity=False,
-    )
 
     result_name: ClassVar[str] = "encoder.pt"
     splits_read: ClassVar[tuple[str, ...]] = ("train",)
@@ -119,8 +104,6 @@ class PretrainConfig(JobConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps is None and self.epochs is None:
-            raise UserError("set --epochs (at least 1) or --steps")
         if self.optimizer == "lars" and self.engine == "deepspeed" and self.zero_stage > 0:
             raise UserError(
                 f"--optimizer lars with --zero-stage {self.zero_stage}: LARS scales each tensor's "

@@ -138,12 +138,16 @@ class Distortion:
         if cfg.back == "resize":  # one factor brings the longer side back to the full size
             scale = scale / scale.max(dim=1, keepdim=True).values
         offset = (1 - scale) * u[:, 3:5]
-        if rows is not None:
-            resolution, scale, offset = resolution[rows], scale[rows], offset[rows]
-        return cls(resolution, scale, offset)
+        whole = cls(resolution, scale, offset)
+        return whole if rows is None else whole.subset(rows)
 
     def __len__(self) -> int:
         return len(self.resolution)
+
+    def subset(self, rows: Tensor) -> Distortion:
+        """The distortions of ``rows`` (indices or a boolean mask), in their order."""
+        rows = rows.cpu()
+        return Distortion(self.resolution[rows], self.scale[rows], self.offset[rows])
 
     def _grid(self, like: Tensor) -> Tensor:
         """The sampling grid: output pixel -> input pixel (``align_corners=False`` coordinates)."""

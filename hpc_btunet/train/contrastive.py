@@ -316,6 +316,7 @@ def _train(cfg: ContrastiveConfig, session: Session) -> Path:
     net = engine.prepare(module, optimizer, scheduler)
     world, rank = engine.world_size, engine.rank
     distortion = DistortionConfig(back=cfg.back)
+    kinds = cfg.kinds  # parsed once, not per step
     targets = PairTargets(cfg.eta, cfg.normal_target, cfg.negative_target)
 
     step, last_loss, seconds_before = 0, float("nan"), 0.0
@@ -355,7 +356,7 @@ def _train(cfg: ContrastiveConfig, session: Session) -> Path:
                 x = crop_to_boxes(x, organ_boxes(organ))
             with engine.autocast():
                 if cfg.method == "pair":
-                    plan = plan_pairs(abnormal.cpu(), seed=cfg.seed, step=step, kinds=cfg.kinds)
+                    plan = plan_pairs(abnormal.cpu(), seed=cfg.seed, step=step, kinds=kinds)
                     part, count, stats = pair_loss(
                         net, x, plan, plan.of_rank(rank, world), distortion=distortion,
                         targets=targets, seed=cfg.seed, step=step,

@@ -95,7 +95,9 @@ def pair_loss(
     distort = plan.distort[rows].to(device)
     warp = Distortion.draw(distortion, len(plan), seed=seed, step=step, rows=rows)
     x1, x2 = images[first], images[second]
-    x2 = _pick(distort, warp.apply(x2), x2)
+    if distort.any():  # blur and warp only the images that are distorted
+        x2 = x2.clone()
+        x2[distort] = warp.subset(distort).apply(x2[distort])
     heads_a, heads_b = pair(_pick(swap, x2, x1), _pick(swap, x1, x2))
 
     # pixels the distortion padded are left out (the whole slice elsewhere)

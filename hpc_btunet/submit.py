@@ -383,15 +383,7 @@ def _run_job(args) -> int:
         tasks, fn = _finetune_tasks(cfg, args, wait_for_pretrain=bool(launch.after)), finetune.run
     for task in tasks:
         task.preflight(launch.world_size, launch.device_type)
-    labels = [
-        f"{t.model}"
-        if args.job == "pretrain"
-        else f"{t.method}/{t.model}"
-        if args.job == "contrastive"
-        else f"{t.model}/{t.variant}/fold-{t.fold}"
-        for t in tasks
-    ]
-    submit(launch, args.job, fn, tasks, labels)
+    submit(launch, args.job, fn, tasks, [t.label() for t in tasks])
     return 0
 
 

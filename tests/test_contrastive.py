@@ -156,8 +156,10 @@ def test_a_batch_of_one_class_and_the_policy():
     assert check_kinds(["negative", "distorted", "negative"]) == ("negative", "distorted")
     with pytest.raises(UserError, match="yields no negative pairs"):
         check_kinds(["distorted", "normal"])
-    with pytest.raises(UserError, match="choose among"):
+    with pytest.raises(UserError, match="unknown kind\\(s\\) swapped; choose among"):
         check_kinds(["swapped", "negative"])
+    with pytest.raises(UserError, match="names no pair kind"):
+        check_kinds([])
 
 
 @pytest.mark.parametrize("eta", [0, -0.1, 1.5, float("nan"), float("inf")])

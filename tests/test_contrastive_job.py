@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import pack_toy, submit_cli
+from conftest import pack_lesions, pack_toy, submit_cli
 
 TINY = ["--base-width", "4", "--depth", "2", "--batch-size", "8", "--steps", "3"]
 TINY += ["--executor", "debug", "--device", "cpu", "--wandb", "disabled"]
@@ -17,12 +17,7 @@ TINY += ["--executor", "debug", "--device", "cpu", "--wandb", "disabled"]
 
 @pytest.fixture(scope="module")
 def lesions(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lesions") / "data"
-    submit_cli(
-        "pack", "--source", "synthetic", "--task", "lesion", "--num-images", 48,
-        "--image-size", 32, "--out", out, "--folds", 2, "--seed", 1,
-    )  # fmt: skip
-    return out
+    return pack_lesions(tmp_path_factory.mktemp("lesions") / "data", n=48, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +45,9 @@ def test_pair_trains_from_labels_and_scores_against_the_hidden_masks(lesions, tm
     assert sorted(predictions["keys"].tolist()) == sorted(test)
     assert predictions["masks"].shape == (len(test), 32, 32)
     assert predictions["dice"].mean() == pytest.approx(metrics["test"]["mean"]["dice"])
+    scores = metrics["scores"]  # the probability map before its threshold
+    assert 0 <= scores["auroc"] <= 1
+    assert all(0 <= scores[k] <= 1 for k in ("lesion_mean", "other_mean", "normal_mean"))
     for name in ("a", "b"):  # each network loads into the model it was built as
         state = torch.load(run / f"{name}.pt", weights_only=True)
         model = build_model("unet_plus_plus", base_width=4, depth=2)
@@ -106,12 +104,14 @@ def test_crop_and_uncrop_boxes():
 
 
 def test_cam_masks_follow_the_classification():
-    from hpc_btunet.train.contrastive import cam_masks
+    from hpc_btunet.train.contrastive import cam_masks, cam_scores
 
     maps = torch.zeros(3, 1, 4, 4)
     maps[:, 0, 0, 0], maps[:, 0, 1, 1] = 1.0, 0.4
     masks = cam_masks(maps, torch.tensor([2.0, -1.0, 0.5]), threshold=0.5)
     assert masks[0].sum() == 1 and masks[0, 0, 0, 0]  # 0.4 < half of the peak
+    scores = cam_scores(maps, torch.tensor([2.0, -1.0, 0.5]))
+    assert scores[0, 0, 1, 1] == pytest.approx(0.4) and scores[1].sum() == 0
     assert not masks[1].any()  # classified normal: nothing
     assert cam_masks(torch.zeros(1, 1, 4, 4), torch.tensor([3.0]), 0.5).sum() == 0
 
@@ -140,3 +140,53 @@ def test_a_dataset_without_labels_or_organ_masks(nuclei, tmp_path):
     done = submit_cli("contrastive", "--data", nuclei, "--out", exp, *TINY, check=False)
     assert done.returncode == 2 and "has no image-level labels" in done.stderr
     assert "Traceback" not in done.stderr and not (exp / "contrastive").exists()
+
+
+def test_crop_without_organ_masks_is_refused_naming_the_way_out(tmp_path):
+    """A labelled dataset that stores no organ masks (as BUSI): ``--crop`` is refused by the
+    input check, which runs before anything is written or submitted."""
+    from types import SimpleNamespace
+
+    from hpc_btunet.errors import UserError
+    from hpc_btunet.train.contrastive import ContrastiveConfig
+
+    keys = [f"k{i}" for i in range(8)]
+    manifest = SimpleNamespace(
+        labels={k: "normal" if i % 2 else "benign" for i, k in enumerate(keys)},
+        splits={"train": keys[:6], "test": keys[6:]},
+        counts={"train": 6, "test": 2},
+        unlabelled=[],
+        has_organ=False,
+    )
+    cfg = ContrastiveConfig(data=str(tmp_path), out=str(tmp_path / "exp"), batch_size=4)
+    cfg.check_inputs(manifest, world_size=1)  # without --crop: accepted
+    cfg = ContrastiveConfig(data=str(tmp_path), out=str(tmp_path / "exp"), batch_size=4, crop=True)
+    with pytest.raises(UserError, match="--crop needs organ masks.*drop --crop"):
+        cfg.check_inputs(manifest, world_size=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_wandb_offline_run_holds_the_losses_per_pair_kind_and_the_config(
+    lesions, tmp_path, monkeypatch
+):
+    from test_tracking import history_and_config
+
+    from hpc_btunet.train.contrastive import ContrastiveConfig, run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = ContrastiveConfig(
+        data=lesions, out=tmp_path / "exp", steps=3, log_every=1, base_width=4, depth=2,
+        batch_size=8, device="cpu", eta=0.25,
+    )  # fmt: skip
+    run(cfg)
+    (offline,) = (cfg.run_dir() / "wandb").glob("offline-run-*")
+    run_id = (cfg.run_dir() / "wandb-id").read_text().strip()
+    history, config = history_and_config(offline / f"run-{run_id}.wandb")
+    steps = [h for h in history if "loss" in h]
+    local = [
+        json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [h["loss"] for h in steps] == pytest.approx([r["loss"] for r in local])
+    assert all("loss_negative" in h and "loss_distorted" in h for h in steps)
+    assert config["method"] == "pair" and config["eta"] == 0.25 and config["global_batch"] == 8

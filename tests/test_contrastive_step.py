@@ -151,3 +151,57 @@ def test_training_steps_reach_both_networks_and_lower_the_loss():
     probabilities = pair.eval().predict(x)
     assert probabilities.shape == (len(x), 1, SIZE, SIZE)
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def _bright_discs(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Smooth noise; every other image (abnormal) holds one bright disc of radius 2-4 px."""
+    size = 24
+    noise = torch.rand(n, 1, size // 4, size // 4, generator=generator)
+    x = 0.3 + 0.2 * torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear")
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    abnormal, masks = torch.arange(n) % 2 == 0, torch.zeros(n, 1, size, size, dtype=torch.bool)
+    for i in torch.nonzero(abnormal).flatten().tolist():
+        r = 2 + 2 * torch.rand(1, generator=generator).item()
+        cy, cx = (r + (size - 2 * r) * torch.rand(2, generator=generator)).tolist()
+        masks[i, 0] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return x + 0.4 * masks, abnormal, masks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_pair_learns_where_obvious_lesions_are():
+    """A positive control (bench/contrastive_control.py, smaller): with lesions nobody could miss
+    the pair's probability ranks lesion pixels above the rest of abnormal images, from the
+    image-level labels alone, and stays low on normal images. At initialisation it does not,
+    so the check measures what training did."""
+    from hpc_btunet.train.metrics import ScoreSeparation
+
+    torch.manual_seed(0)
+    pair = ContrastivePair(*(build_model("unet_plus_plus", base_width=4, depth=3) for _ in "ab"))
+    optimizer = torch.optim.Adam(pair.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    test = _bright_discs(64, torch.Generator().manual_seed(1))
+
+    def auroc() -> float:
+        x, abnormal, masks = test
+        separation = ScoreSeparation()
+        separation.update(pair.eval().predict(x)[abnormal], masks[abnormal])
+        pair.train()
+        return separation.compute()["auroc"]
+
+    before = auroc()
+    for step in range(150):
+        x, abnormal, _ = _bright_discs(16, g)
+        plan = plan_pairs(abnormal, seed=0, step=step)
+        total, count, _ = pair_loss(
+            pair, x, plan, torch.arange(len(plan)), distortion=DistortionConfig(),
+            targets=PairTargets(), seed=0, step=step,
+        )  # fmt: skip
+        optimizer.zero_grad()
+        (total / count).backward()
+        optimizer.step()
+    after = auroc()
+    assert after > 0.7 and after > before + 0.2, (before, after)  # here 0.41 -> 0.90
+    x, abnormal, _ = test
+    p = pair.eval().predict(x)
+    assert p[~abnormal].mean() < 0.5 * p[abnormal].mean()

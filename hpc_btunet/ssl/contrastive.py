@@ -222,8 +222,12 @@ class PairPlan:
 def check_kinds(kinds: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``--pairs``: known kinds, and negatives among them (the method contrasts classes)."""
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise UserError(f"--pairs {','.join(kinds)}: choose among {', '.join(KINDS)}")
+    if not kinds:
+        raise UserError(f"--pairs names no pair kind: choose among {', '.join(KINDS)}")
+    if unknown:
+        raise UserError(
+            f"--pairs: unknown kind(s) {', '.join(unknown)}; choose among {', '.join(KINDS)}"
+        )
     if "negative" not in kinds:
         raise UserError(
             f"--pairs {','.join(kinds)} yields no negative pairs: the pair is trained by "

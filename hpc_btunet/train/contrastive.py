@@ -15,7 +15,9 @@ Both write their weights and then score the test split against the lesion masks,
 training step ever reads (``with_masks=False``): ``predictions.npz`` (as fine-tuning's) and
 ``metrics.json`` last, with the same metric rules, over every test image and over the abnormal
 ones, beside two baselines that need no training: the organ mask as the prediction (when the
-dataset stores one) and the whole image. ``--crop`` crops every image to its organ's bounding box
+dataset stores one) and the whole image; ``scores`` describes the map before its threshold
+(``ScoreSeparation``: pixel AUROC of lesion pixels against the rest of the abnormal images, over
+the image and inside the organ). ``--crop`` crops every image to its organ's bounding box
 and resizes it back (the paper's section 3.2); predictions are mapped back to the full image
 before scoring.
 """
@@ -53,7 +55,7 @@ from hpc_btunet.train.engine import BN_SCOPES
 from hpc_btunet.train.finetune import EMPTY_RULE, PREDICTIONS_NAME, write_predictions
 from hpc_btunet.train.integrity import verify_before_training
 from hpc_btunet.train.job import StepJobConfig
-from hpc_btunet.train.metrics import SegmentationMetrics, confusion, scores
+from hpc_btunet.train.metrics import ScoreSeparation, SegmentationMetrics, confusion, scores
 from hpc_btunet.train.optim import warmup_cosine
 from hpc_btunet.train.session import Session, run_job
 
@@ -127,8 +129,11 @@ class ContrastiveConfig(StepJobConfig):
     def kinds(self) -> tuple[str, ...]:
         return check_kinds([k.strip() for k in self.pairs.split(",") if k.strip()])
 
+    def label(self) -> str:
+        return f"{self.method}/{self.model}"
+
     def run_dir(self) -> Path:
-        return Path(self.out) / "contrastive" / self.method / self.model
+        return Path(self.out) / "contrastive" / self.label()
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * world_size
@@ -256,12 +261,18 @@ class CamClassifier(nn.Module):
         return maps.clamp_min(0), logit
 
 
-def cam_masks(maps: torch.Tensor, logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Binary masks: for an image classified abnormal (logit > 0), the map at or above
-    ``threshold`` of its maximum; empty for one classified normal or with a map of zeros."""
+def cam_scores(maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each class activation map over its maximum (0 for a map of zeros), and 0 for an image
+    classified normal (logit <= 0): the score map the CAM baseline thresholds."""
     peak = maps.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
-    masks = (maps >= threshold * peak) & (peak > 0)
-    return masks & (logits > 0).view(-1, 1, 1, 1)
+    scaled = torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+    return scaled * (logits > 0).view(-1, 1, 1, 1)
+
+
+def cam_masks(maps: torch.Tensor, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Binary masks: for an image classified abnormal, the map at or above ``threshold`` (> 0)
+    of its maximum; empty for one classified normal or with a map of zeros."""
+    return cam_scores(maps, logits) >= threshold
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -269,7 +280,7 @@ def cam_masks(maps: torch.Tensor, logits: torch.Tensor, threshold: float) -> tor
 
 def run(cfg: ContrastiveConfig) -> Path:
     """Train the pair (or the CAM classifier) and score the test split; returns ``metrics.json``."""
-    return run_job(cfg, "contrastive", f"{cfg.method}/{cfg.model}", lambda s: _train(cfg, s))
+    return run_job(cfg, "contrastive", cfg.label(), lambda s: _train(cfg, s))
 
 
 def _train(cfg: ContrastiveConfig, session: Session) -> Path:
@@ -446,6 +457,9 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
     names = ["method", "whole_image"] + (["organ"] if manifest.has_organ else [])
     counts: dict[str, list] = {n: [] for n in names}
     keys, masks = [], []
+    # the score map on abnormal images: every pixel, and inside the organ (where lesions are)
+    separation, in_organ, organ_as_map = ScoreSeparation(), ScoreSeparation(), ScoreSeparation()
+    normal_score = [0.0, 0]
     for batch in loader:
         keep = ~batch["pad"]
         x = batch["image"][keep].to(engine.device).float() / 255
@@ -454,17 +468,29 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
         boxes = organ_boxes(organ) if cfg.crop else None
         seen = crop_to_boxes(x, boxes) if cfg.crop else x
         if cfg.method == "pair":
-            predicted = module.predict(seen) >= 0.5
+            score = module.predict(seen)
+            predicted = score >= 0.5
         else:
             maps, logits = module.cam(seen)
             predicted = cam_masks(maps, logits, cfg.cam_threshold)
+            score = cam_scores(maps, logits)
         if cfg.crop:
             predicted = uncrop(predicted.float(), boxes) >= 0.5
+            score = uncrop(score, boxes)
+        batch_keys = [k for k, kept in zip(batch["key"], keep.tolist(), strict=True) if kept]
+        is_abnormal = torch.tensor([bool(classes.get(k, 1)) for k in batch_keys], device=y.device)
+        separation.update(score[is_abnormal], y[is_abnormal])
+        if organ is not None:
+            inside = organ[is_abnormal].bool()
+            in_organ.update(score[is_abnormal][inside], y[is_abnormal][inside])
+            organ_as_map.update(organ[is_abnormal].float(), y[is_abnormal])
+        normal_score[0] += float(score[~is_abnormal].double().sum())
+        normal_score[1] += score[~is_abnormal].numel()
         counts["method"].append(confusion(predicted, y).cpu())
         counts["whole_image"].append(confusion(torch.ones_like(y), y).cpu())
         if organ is not None:
             counts["organ"].append(confusion(organ, y).cpu())
-        keys += [k for k, kept in zip(batch["key"], keep.tolist(), strict=True) if kept]
+        keys += batch_keys
         masks.append(predicted[:, 0].to(torch.uint8).cpu().numpy())
         session.stop_if_preempted(save=False)
     abnormal = torch.tensor([bool(classes.get(k, 1)) for k in keys])
@@ -477,6 +503,11 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
             | {m: v.numpy() for m, v in per_image.items()},
         )
     method = scored.pop("method")
+    scores_ = separation.compute()
+    scores_["normal_mean"] = normal_score[0] / normal_score[1] if normal_score[1] else None
+    if organ_as_map.hist.any():
+        scores_["organ"] = in_organ.compute()
+        scored["organ"]["auroc"] = organ_as_map.compute()["auroc"]
     return {
         "method": cfg.method,
         "model": cfg.model,
@@ -486,6 +517,8 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
         "predictions": PREDICTIONS_NAME,
         "empty_rule": EMPTY_RULE,
         "test_images": {"all": len(keys), "abnormal": int(abnormal.sum())},
+        # the map before its threshold: lesion pixels against the rest of the abnormal images
+        "scores": scores_,
     }
 
 

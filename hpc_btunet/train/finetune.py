@@ -88,8 +88,11 @@ class FinetuneConfig(JobConfig):
     def variant(self) -> str:
         return "bt" if self.pretrained else "scratch"
 
+    def label(self) -> str:
+        return f"{self.model}/{self.variant}/fold-{self.fold}"
+
     def run_dir(self) -> Path:
-        return Path(self.out) / "finetune" / self.model / self.variant / f"fold-{self.fold}"
+        return Path(self.out) / "finetune" / self.label()
 
     def input_identity(self) -> dict:
         """The pre-trained encoder by content (its path may move; its weights may not change)."""
@@ -242,8 +245,7 @@ def write_predictions(path: Path, predictions: dict) -> None:
 
 def run(cfg: FinetuneConfig) -> Path:
     """Fine-tune one (model, fold, variant); returns the path of ``metrics.json``."""
-    name = f"{cfg.model}/{cfg.variant}/fold-{cfg.fold}"
-    return run_job(cfg, "finetune", name, lambda session: _finetune(cfg, session))
+    return run_job(cfg, "finetune", cfg.label(), lambda session: _finetune(cfg, session))
 
 
 def _finetune(cfg: FinetuneConfig, session: Session) -> Path:

@@ -142,6 +142,11 @@ class JobConfig:
             timeout_s=getattr(self, "dist_timeout", 600.0),
         )
 
+    def label(self) -> str:
+        """The run's name within its stage, as log and submission lines show it: its folder
+        below ``<out>/<stage>/`` (a job overrides)."""
+        raise NotImplementedError
+
     def run_dir(self) -> Path:
         raise NotImplementedError
 

@@ -72,3 +72,37 @@ class SegmentationMetrics:
             "pooled": {m: float(pooled[m]) for m in METRICS},
             "images": int(counts.shape[0]),
         }
+
+
+class ScoreSeparation:
+    """How a score map in [0, 1] (a probability, a scaled activation map) tells lesion pixels
+    from the rest, before any threshold: streamed into two histograms of ``bins`` equal bins.
+
+    ``compute()`` gives the mean score on lesion pixels and on the other pixels, and the pixel
+    AUROC, the probability that a lesion pixel scores above another pixel (ties count 1/2):
+    0.5 for a map that does not locate lesions at all, 1 for one that separates them by some
+    threshold. Scores within one bin count as tied, so it is exact for scores that are multiples
+    of ``1 / (bins - 1)`` and within half the tied mass of the exact value otherwise."""
+
+    def __init__(self, bins: int = 1001) -> None:
+        self.bins = bins
+        self.hist = torch.zeros(2, bins, dtype=torch.float64)  # other pixels, lesion pixels
+        self.sums = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        s = scores.detach().flatten().to(torch.float64).clamp(0, 1).cpu()
+        t = target.flatten().bool().cpu()
+        index = torch.round(s * (self.bins - 1)).long()
+        for c, part in enumerate((~t, t)):
+            self.hist[c] += torch.bincount(index[part], minlength=self.bins).to(torch.float64)
+            self.sums[c] += s[part].sum()
+
+    def compute(self) -> dict[str, float | None]:
+        counts = self.hist.sum(dim=1)
+        other, lesion = (float(self.sums[c] / counts[c]) if counts[c] else None for c in (0, 1))
+        auroc = None
+        if counts.all():
+            below = torch.cumsum(self.hist[0], 0) - self.hist[0]  # other pixels in lower bins
+            won = (self.hist[1] * (below + self.hist[0] / 2)).sum()
+            auroc = float(won / (counts[0] * counts[1]))
+        return {"lesion_mean": lesion, "other_mean": other, "auroc": auroc}

@@ -111,8 +111,11 @@ class PretrainConfig(StepJobConfig):
                 "that mix tensors; use --zero-stage 0, --engine ddp, or --optimizer adam"
             )
 
+    def label(self) -> str:
+        return self.model
+
     def run_dir(self) -> Path:
-        return Path(self.out) / "pretrain" / self.model
+        return Path(self.out) / "pretrain" / self.label()
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.accumulate * world_size
@@ -259,7 +262,7 @@ class TwinStep:
 
 def run(cfg: PretrainConfig) -> Path:
     """Pre-train; returns the path of ``encoder.pt``."""
-    return run_job(cfg, "pretrain", cfg.model, lambda session: _pretrain(cfg, session))
+    return run_job(cfg, "pretrain", cfg.label(), lambda session: _pretrain(cfg, session))
 
 
 def _pretrain(cfg: PretrainConfig, session: Session) -> Path:

@@ -96,6 +96,16 @@ def flip_torch_byte(path) -> None:
     Path(path).write_bytes(bytes(raw))
 
 
+def pack_lesions(out: Path, n: int, seed: int, image_size: int = 32) -> Path:
+    """``pack --source synthetic --task lesion`` (image-level labels, organ masks) into ``out``
+    with 2 folds; returns ``out``."""
+    submit_cli(
+        "pack", "--source", "synthetic", "--task", "lesion", "--num-images", n,
+        "--image-size", image_size, "--out", out, "--folds", 2, "--seed", seed,
+    )  # fmt: skip
+    return out
+
+
 def pack_toy(out: Path, n: int, image_size: int = 16, folds: int = 3, shard_size: int = 1000):
     """Pack ``ToySource(n)`` into ``out`` quietly; returns ``out``."""
     splits = SplitConfig(folds=folds)

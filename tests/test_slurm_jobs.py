@@ -130,6 +130,27 @@ def test_two_node_pretrain_then_fold_array_after_it(data, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_two_node_contrastive_pair_on_image_level_labels(tmp_path):
+    """The second method as a SLURM job over 2 nodes: the pairs of the global batch shared by
+    the ranks, both networks' weights and the scored test split."""
+    from conftest import pack_lesions
+
+    data = pack_lesions(tmp_path / "lesions", n=40, seed=3)
+    exp = tmp_path / "exp"
+    out = cli("contrastive", "--data", data, "--out", exp, "--steps", 3, "--log-every", 1,
+              "--nodes", 2, "--tasks-per-node", 1, "--wait", *TINY)  # fmt: skip
+    assert "2 node(s) x 1 task(s)" in out and "contrastive: 1 job(s) completed" in out, out
+    run = exp / "contrastive" / "pair" / "unet_plus_plus"
+    assert "global_batch: 8" in (run / "config.yaml").read_text(), "2 ranks x batch 4"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["test_images"]["abnormal"] > 0
+    for name in ("a", "b"):
+        torch.load(run / f"{name}.pt", weights_only=True)
+    logs = list((exp / "logs" / "contrastive").glob(f"{job_id(out)}/*_log.out"))
+    assert len(logs) == 2 and "2 rank(s)" in "".join(p.read_text() for p in logs)
+
+
+@pytest.mark.timeout(600)
 def test_two_node_deepspeed_pretrain_saves_every_rank_partition(data, tmp_path):
     exp = tmp_path / "exp"
     out = cli(

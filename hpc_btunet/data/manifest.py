@@ -5,11 +5,11 @@ Besides the source, image size, channels, encoding, seed, split fractions and co
 by sample key the train/test split, the labelled subset, its folds, each sample's group and the
 samples without masks; two fields are optional (manifests without them stay valid): ``labels``,
 each sample's image-level label (``abnormal``/``normal``, BUSI's classes), when the source gives
-any, and ``organ``, true when every sample stores an organ mask. Each shard entry lists its sample keys, their byte offsets in the tar file
-(so a reader can start at any sample without scanning the shard, and a rank can take part of a
-shard) and the CRC-32 of each sample's member payloads (``checksums``, checked by the loader on
-every read, so a flipped byte never trains silently), besides the shard's size and sha256 (checked
-by ``verify``).
+any, and ``organ``, true when every sample stores an organ mask. Each shard entry lists its
+sample keys, their byte offsets in the tar file (so a reader can start at any sample without
+scanning the shard, and a rank can take part of a shard) and the CRC-32 of each sample's member
+payloads (``checksums``, checked by the loader on every read, so a flipped byte never trains
+silently), besides the shard's size and sha256 (checked by ``verify``).
 
 The file checks itself: ``checksum`` is the sha256 of the rest of its content in canonical JSON
 (``manifest_checksum``), so a corrupted or hand-edited manifest is refused, not half-trusted.

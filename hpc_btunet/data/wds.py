@@ -14,8 +14,9 @@ labelled subset, or a fold's training or validation part), each sample's CRC-32 
 payloads compared with the manifest's before anything is decoded (a damaged sample raises
 :class:`~hpc_btunet.errors.ShardError` naming the shard and the key), images uint8 H x W x C and
 masks uint8 H x W in {0, 1} (None for a sample packed without one), organ masks likewise (None
-unless the dataset stores them: the lesion dataset), shapes checked against the manifest. Images are decoded by webdataset's decoders where those keep the channels as packed
-(PNG of 1, 3 or 4 channels; ``.npy``), by the toolkit's codec otherwise (2-channel PNG).
+unless the dataset stores them: the lesion dataset), shapes checked against the manifest.
+Images are decoded by webdataset's decoders where those keep the channels as packed (PNG of
+1, 3 or 4 channels; ``.npy``), by the toolkit's codec otherwise (2-channel PNG).
 
 What it does not keep is the loader's order. webdataset deals whole shards to ranks and then to
 DataLoader workers, round-robin (``split_by_node``, ``split_by_worker``): ranks may get different

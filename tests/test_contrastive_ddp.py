@@ -1,7 +1,8 @@
 """The ``contrastive`` job across processes and interruptions: 2 gloo ranks follow the one-process
 run on the same global batch (pairs span both ranks' images, BatchNorm over every rank's inputs
-to a network), a run cut after a checkpoint resumes on another world size, and SLURM's warning
-signal in the middle of a step saves and a rerun ends as the undisturbed run.
+to a network), under DDP and under DeepSpeed's ZeRO 2; a run cut after a checkpoint resumes on
+another world size; SLURM's warning signal in the middle of a step saves, and a rerun ends as the
+undisturbed run.
 
 Tolerance as in tests/test_invariance.py: only the order of floating-point reductions differs
 between world sizes (1e-4 relative on the loss, 1e-4 relative + 1e-5 absolute on weights and
@@ -81,6 +82,18 @@ def test_two_ranks_follow_the_one_process_run(lesions, tmp_path, method):
         _contrastive(lesions, other, 1, "--seed", 1)
         with pytest.raises(AssertionError):
             _assert_same_run(other, one)
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_zero2_on_two_ranks_follows_the_one_process_ddp_run(lesions, tmp_path):
+    """The pair under DeepSpeed (ZeRO 2: optimiser states and gradients partitioned over the
+    ranks) computes what one DDP process does; both networks are exported whole."""
+    one, zero2 = tmp_path / "one", tmp_path / "zero2"
+    _contrastive(lesions, one, 1)
+    _contrastive(lesions, zero2, 2, "--engine", "deepspeed", "--zero-stage", 2)
+    record = yaml.safe_load((_run(zero2) / "config.yaml").read_text())["config"]
+    assert (record["engine"], record["world_size"]) == ("deepspeed", 2)
+    _assert_same_run(zero2, one)
 
 
 @pytest.mark.timeout(600)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -298,7 +299,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.every = every
         self.last = ""
-        self.when = 0.0
+        self.when = -math.inf  # never printed: the first line goes out at once
 
     def show(self, text: str) -> None:
         now = time.monotonic()
@@ -314,7 +315,7 @@ class Progress:
         if self.tty:
             self.stream.write("\r\x1b[K")
         print(text, file=self.stream, flush=True)
-        self.last, self.when = "", 0.0
+        self.last, self.when = "", -math.inf
 
 
 def stage_line(stage: str, tasks: list, jobs: dict[str, Any]) -> str:

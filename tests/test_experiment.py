@@ -192,7 +192,7 @@ def test_status_states_from_files(data, tmp_path):
     assert states["report"][0] == "not submitted"
 
 
-def test_task_progress_and_the_progress_line(tmp_path):
+def test_task_progress_and_the_progress_line(tmp_path, monkeypatch):
     import io
 
     from hpc_btunet.status import Progress, task_progress
@@ -206,12 +206,17 @@ def test_task_progress_and_the_progress_line(tmp_path):
     assert task_progress("pretrain", run) == "step 4/40 loss 11"
     (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "epoch": 1, "val_loss": 0.25}))
     assert task_progress("finetune", run) == "epoch 2/30 val loss 0.250"
-    stream = io.StringIO()
-    progress = Progress(stream, every=3600)
-    progress.show("a")
-    progress.show("b")  # too soon after "a": not printed to a log
-    progress.done("c")
-    assert stream.getvalue() == "a\nc\n"
+    for uptime in (12.0, 1e6):  # the monotonic clock counts from boot: a fresh machine too
+        stream = io.StringIO()
+        progress = Progress(stream, every=3600)
+        clock = iter([uptime, uptime + 1, uptime + 3601, uptime + 3602])
+        monkeypatch.setattr("hpc_btunet.status.time.monotonic", clock.__next__)
+        progress.show("a")  # the first line at once
+        progress.show("b")  # too soon after "a": not printed to a log
+        progress.show("c")  # an interval later
+        progress.show("c")  # unchanged: not again
+        progress.done("d")
+        assert stream.getvalue() == "a\nc\nd\n", uptime
 
 
 @pytest.mark.parametrize(

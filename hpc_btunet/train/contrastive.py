@@ -456,7 +456,7 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
     module.eval()
     names = ["method", "whole_image"] + (["organ"] if manifest.has_organ else [])
     counts: dict[str, list] = {n: [] for n in names}
-    keys, masks = [], []
+    keys, masks, flags = [], [], []
     # the score map on abnormal images: every pixel, and inside the organ (where lesions are)
     separation, in_organ, organ_as_map = ScoreSeparation(), ScoreSeparation(), ScoreSeparation()
     normal_score = [0.0, 0]
@@ -491,9 +491,10 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
         if organ is not None:
             counts["organ"].append(confusion(organ, y).cpu())
         keys += batch_keys
+        flags.append(is_abnormal.cpu())
         masks.append(predicted[:, 0].to(torch.uint8).cpu().numpy())
         session.stop_if_preempted(save=False)
-    abnormal = torch.tensor([bool(classes.get(k, 1)) for k in keys])
+    abnormal = torch.cat(flags)
     scored = {n: _aggregate(torch.cat(c), abnormal) for n, c in counts.items()}
     if engine.is_main:
         per_image = scores(torch.cat(counts["method"]))
@@ -505,7 +506,7 @@ def evaluate(cfg, engine, module, manifest, session, classes) -> dict:
     method = scored.pop("method")
     scores_ = separation.compute()
     scores_["normal_mean"] = normal_score[0] / normal_score[1] if normal_score[1] else None
-    if organ_as_map.hist.any():
+    if manifest.has_organ:
         scores_["organ"] = in_organ.compute()
         scored["organ"]["auroc"] = organ_as_map.compute()["auroc"]
     return {

@@ -16,9 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from hpc_btunet.errors import UserError
+from hpc_btunet.readers import MB, UnreadableFile, read_yaml
 
 T = TypeVar("T")
 
@@ -139,16 +138,23 @@ def _coerce(cls: type, name: str, value: Any, tp: type, optional: bool) -> Any:
     if tp is Path and isinstance(value, str):
         return Path(value)
     if typing.get_origin(tp) is list:
-        if not isinstance(value, list):
-            raise UserError(f"{name} must be a list, got {value!r}")
+        if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
+            raise UserError(f"{name} must be a list of values, got {value!r:.80}")
         return [str(v) for v in value]
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"{name} must be of type {tp.__name__}, got {value!r}")
+        kind = {
+            "float": "a number",
+            "int": "a whole number",
+            "str": "text",
+            "bool": "true or false",
+        }
+        raise UserError(f"{name} must be {kind.get(tp.__name__, tp.__name__)}, got {value!r:.80}")
     return value
 
 
 def from_dict(cls: type[T], values: dict[str, Any], origin: str = "config") -> T:
-    """Build ``cls`` from a mapping, failing on unknown keys (listing the valid ones) and types."""
+    """Build ``cls`` from a mapping, failing on unknown keys (listing the valid ones) and types
+    (naming the key, and ``origin`` when the values come from a file)."""
     fields = {f.name: (f, tp, opt) for f, tp, opt in _fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -158,19 +164,26 @@ def from_dict(cls: type[T], values: dict[str, Any], origin: str = "config") -> T
     kwargs = {}
     for name, value in values.items():
         _, tp, opt = fields[name]
-        kwargs[name] = _coerce(cls, name, value, tp, opt)
+        try:
+            kwargs[name] = _coerce(cls, name, value, tp, opt)
+        except UserError as e:
+            if origin in ("config", "options"):
+                raise
+            raise UserError(f"{origin}: {e}: fix that key in the file") from None
     return cls(**kwargs)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"--config {path} does not exist")
+    """A ``--config`` file: a mapping of option: value, read strictly (a regular UTF-8 file of
+    at most 1 MB, no key twice, YAML 1.2 numbers so that ``lr: 1e-3`` is a number)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path} must hold a mapping of option: value")
+        data = read_yaml(path, limit=MB, what="config file", fix="fix the file")
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path} is a folder: pass a YAML file") from None
+    except UnreadableFile as e:
+        raise UserError(f"--config {e}") from None
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
@@ -186,7 +199,8 @@ def resolve(
         values |= {k: v for k, v in load_yaml(args.config).items() if k in names or k not in theirs}
     values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
     values |= overrides
-    return from_dict(cls, values, origin=str(getattr(args, "config", None) or "options"))
+    config = getattr(args, "config", None)
+    return from_dict(cls, values, origin=f"--config {config}" if config else "options")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

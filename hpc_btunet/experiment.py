@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from hpc_btunet.launch import (
     slurm_submit,
     update_dependency,
 )
+from hpc_btunet.readers import read_json, read_yaml
 
 EXPERIMENT_FILE = "experiment.json"
 FORMAT = 1
@@ -313,22 +316,75 @@ def build_plan(given: dict[str, Any]) -> Plan:
 # --- the record ----------------------------------------------------------------------------
 
 
-def load_record(out: Path) -> dict[str, Any] | None:
-    """``<out>/experiment.json``, or None when the folder holds no experiment."""
-    import json
+# bounds of what a record may claim, checked before it sizes a plan or a table
+MAX_FOLDS = 100
+MAX_MODELS = 64
+MAX_TASKS = 20_000
+_RECORD_LIMIT = 16 * 1024 * 1024  # bytes
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a model's name: one path component
+_TASK_TEXT = ("job_id", "executor", "log", "output", "submitted")
 
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with a parsed record (its first problem, naming the field), or None."""
+    if not isinstance(record, dict):
+        return f"holds {type(record).__name__}, not an experiment record"
+    if record.get("format") != FORMAT:
+        return f"is not an experiment record of this version (format {FORMAT})"
+    for key in ("data", "manifest_sha256", "executor"):
+        if key in record and not isinstance(record[key], str):
+            return f"field {key!r} must be text, got {record[key]!r:.60}"
+    models = record.get("models", [])
+    if not isinstance(models, list) or len(models) > MAX_MODELS:
+        return f"field 'models' must be a list of at most {MAX_MODELS} names"
+    bad = [m for m in models if not isinstance(m, str) or not _NAME.match(m) or m in (".", "..")]
+    if bad:
+        return f"field 'models' holds {bad[0]!r:.60}, not a model's name"
+    variants = record.get("variants", [])
+    if not isinstance(variants, list) or not all(v in VARIANTS for v in variants):
+        return f"field 'variants' must be a list of {' and '.join(VARIANTS)}, got {variants!r:.60}"
+    folds = record.get("folds", 0)
+    if not isinstance(folds, int) or isinstance(folds, bool) or not 0 <= folds <= MAX_FOLDS:
+        return f"field 'folds' must be a whole number from 0 to {MAX_FOLDS}, got {folds!r:.60}"
+    tasks = record.get("tasks", {})
+    if not isinstance(tasks, dict) or len(tasks) > MAX_TASKS:
+        return f"field 'tasks' must be a mapping of at most {MAX_TASKS} tasks"
+    for label, entry in tasks.items():
+        if not isinstance(entry, dict):
+            return f"task {label!r:.80} must be a mapping, got {entry!r:.60}"
+        for key in _TASK_TEXT:
+            if key in entry and not isinstance(entry[key], str):
+                return f"task {label!r:.80}: field {key!r} must be text, got {entry[key]!r:.60}"
+        dependency, started = entry.get("dependency"), entry.get("started")
+        if dependency is not None and not isinstance(dependency, str):
+            return f"task {label!r:.80}: field 'dependency' must be text, got {dependency!r:.60}"
+        if started is not None and (
+            not isinstance(started, int | float) or isinstance(started, bool)
+        ):
+            return f"task {label!r:.80}: field 'started' must be a number, got {started!r:.60}"
+    if not isinstance(record.get("submissions", []), list):
+        return "field 'submissions' must be a list"
+    return None
+
+
+def load_record(out: Path) -> dict[str, Any] | None:
+    """``<out>/experiment.json``, checked (types, bounds, model names that are one path
+    component), or None when the folder holds no experiment. A damaged or edited record is one
+    ``UserError`` naming the file, the field and the fix."""
     path = Path(out) / EXPERIMENT_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    fix = (
+        "move it away; a rerun of `experiment` writes it anew (finished results are kept and "
+        "skipped)"
+    )
     try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{path} is damaged ({e}): move it away; a rerun of `experiment` writes it anew "
-            "(finished results are kept and skipped)"
-        ) from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise UserError(f"{path} is not an experiment record of this version (format {FORMAT})")
+        record = read_json(path, limit=_RECORD_LIMIT, what="experiment record", fix=fix)
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): {fix}") from None
+    problem = _record_problem(record)
+    if problem:
+        raise UserError(f"{path} {problem}: {fix}")
     record.setdefault("tasks", {})
     return record
 
@@ -336,8 +392,6 @@ def load_record(out: Path) -> dict[str, Any] | None:
 def _recorded_datasets(plan: Plan) -> set[tuple[str, str]]:
     """(dataset, manifest sha256) of what the experiment folder already holds: the record, and
     the run folders' config.yaml (runs started by `pretrain`/`finetune` by hand)."""
-    import yaml
-
     found = set()
     record = load_record(plan.out)
     if record is not None:
@@ -346,10 +400,10 @@ def _recorded_datasets(plan: Plan) -> set[tuple[str, str]]:
         Path(plan.out).glob("finetune/*/*/fold-*/config.yaml")
     ):
         try:
-            recorded = yaml.safe_load(config.read_text()) or {}
+            recorded = read_yaml(config)
             sha = recorded["provenance"]["manifest_sha256"]
             data = recorded["config"]["data"]
-        except (yaml.YAMLError, KeyError, TypeError, OSError):
+        except (UserError, KeyError, TypeError, OSError):
             continue  # the job's own identity check names a damaged run folder
         found.add((str(data), str(sha)))
     return found
@@ -385,7 +439,20 @@ def save_record(out: Path, record: dict[str, Any]) -> None:
     write_json(Path(out) / EXPERIMENT_FILE, record)
 
 
+def _process_start(job_id: str) -> float | None:
+    """The start time of a local job's process, recorded with its pid: a pid is reused once
+    its process is gone, the pair is not."""
+    import psutil
+
+    try:
+        return psutil.Process(int(job_id)).create_time()
+    except (ValueError, psutil.Error):
+        return None
+
+
 def _note_job(record: dict, task: Task, job: Any, executor: str, **extra: Any) -> None:
+    if executor == "local":
+        extra.setdefault("started", _process_start(str(job.job_id)))
     record["tasks"][task.label] = {
         "job_id": str(job.job_id),
         "executor": executor,
@@ -509,7 +576,6 @@ def _submit_slurm(plan: Plan, states: dict[str, str], record: dict | None, dry_r
             launch,
             stage,
             dependency=dependency,
-            kill_on_invalid_dep=True,
             check=not dry_run,
         )
         if dry_run:

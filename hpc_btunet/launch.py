@@ -12,6 +12,8 @@ job id known), each with one message naming the fix.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -23,17 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
 from hpc_btunet.config import check_values, option
 from hpc_btunet.distributed import PLACEMENT_VARIABLES
 from hpc_btunet.errors import UserError, as_user_error
+from hpc_btunet.outcome import job_outcomes, write_outcome
 from hpc_btunet.processes import (
     STOPPED_BY_SIBLING,
     JobWatchdog,
     owner_environment,
     report_failure,
 )
+from hpc_btunet.readers import MB, read_yaml
 
 EXECUTORS = ("slurm", "local", "debug")
 PROFILE_DIRS = (
@@ -66,6 +69,13 @@ def default_executor() -> str:
     return "slurm" if shutil.which("sbatch") else "local"
 
 
+def local_gpu_count() -> int:
+    """CUDA devices this machine gives its processes (torch is imported only to ask)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def parse_slurm_time(text: str) -> int:
     """Minutes of a SLURM time string: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up)."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
@@ -93,19 +103,60 @@ def load_profile(name: str | None) -> dict[str, Any]:
     if not name:
         return {}
     candidates = [Path(name)] + [d / f"{name}.yaml" for d in PROFILE_DIRS]
-    path = next((p for p in candidates if p.is_file()), None)
+    path = next((p for p in candidates if os.path.exists(p) and not p.is_dir()), None)
     if path is None:
         known = sorted({p.stem for d in PROFILE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
         raise UserError(
             f"cluster profile {name!r} not found: pass a YAML file or one of {', '.join(known) or '(none)'}"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    fix = "fix the profile (see slurm/profiles/ for examples)"
+    data = read_yaml(path, limit=MB, what="cluster profile", fix=fix)
     unknown = sorted(set(data) - PROFILE_KEYS)
     if unknown:
         raise UserError(
             f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PROFILE_KEYS))}"
         )
-    return data
+    for key, value in data.items():
+        wanted = _PROFILE_TYPES[key]
+        if value is not None and not _profile_value_ok(value, wanted):
+            raise UserError(f"{path}: {key} must be {wanted}, got {value!r:.80}: {fix}")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+_PROFILE_TYPES = {
+    "partition": "text",
+    "account": "text",
+    "qos": "text",
+    "constraint": "text",
+    "time": "a SLURM time (minutes, H:M:S or D-H:M:S)",
+    "cpus_per_task": "a whole number",
+    "mem_gb": "a number",
+    "gpus_per_node": "a whole number",
+    "tasks_per_node": "a whole number",
+    "array_parallelism": "a whole number",
+    "max_nodes": "a whole number",
+    "max_gpus_per_node": "a whole number",
+    "accounts": "a list of names",
+    "sbatch": "a mapping of sbatch option: value",
+    "setup": "a list of shell lines",
+}
+
+
+def _profile_value_ok(value: Any, wanted: str) -> bool:
+    scalar = (str, int, float, bool)
+    if wanted == "a whole number":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if wanted == "a number":
+        return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if wanted.startswith("a SLURM time"):
+        return isinstance(value, str | int) and not isinstance(value, bool)
+    if wanted.startswith("a list"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if wanted.startswith("a mapping"):
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, scalar) for k, v in value.items()
+        )
+    return isinstance(value, str)
 
 
 @dataclass
@@ -197,6 +248,14 @@ class LaunchConfig:
                 )
             if self.after:
                 raise UserError("--after needs --executor slurm (dependencies are SLURM's)")
+            if self.gpus_per_node > 0:
+                have = local_gpu_count()
+                if self.gpus_per_node > have:
+                    raise UserError(
+                        f"--gpus-per-node {self.gpus_per_node}: this machine has {have} GPU(s) "
+                        f"for the {self.executor} executor: ask for at most {have}, or leave "
+                        "--gpus-per-node out (--tasks-per-node N runs N processes on the CPU)"
+                    )
 
     @property
     def world_size(self) -> int:
@@ -267,14 +326,12 @@ def make_executor(
     cfg: LaunchConfig,
     stage: str,
     dependency: str | None = None,
-    kill_on_invalid_dep: bool = False,
     check: bool = True,
 ) -> submitit.Executor | None:
     """The submitit executor of ``cfg``; None for ``debug``, which runs jobs in this process.
     On SLURM, ``dependency`` (an sbatch ``--dependency`` value) replaces the one ``--after``
-    gives, ``kill_on_invalid_dep`` cancels a job whose dependency can no longer be satisfied
-    (instead of leaving it pending for good), and ``check=False`` skips asking SLURM (a dry
-    run)."""
+    gives, every job is cancelled by SLURM when its dependency can no longer be satisfied
+    (instead of pending for good), and ``check=False`` skips asking SLURM (a dry run)."""
     folder = Path(cfg.logs) / stage / "%j"  # submitit writes array tasks as <array id>_<task>
     if cfg.executor == "debug":
         return None
@@ -305,9 +362,9 @@ def make_executor(
         executor.cluster = "slurm"
     if dependency is None and cfg.after:
         dependency = f"afterok:{cfg.after.replace(',', ':')}"
-    extra = dict(cfg.extra)
-    if kill_on_invalid_dep:
-        extra["kill-on-invalid-dep"] = "yes"
+    # a job whose dependency can no longer be satisfied (the job before it failed) is cancelled
+    # by SLURM instead of pending for good (DependencyNeverSatisfied)
+    extra = {"kill-on-invalid-dep": "yes"} | dict(cfg.extra)
     params: dict[str, Any] = {
         "name": cfg.job_name or f"hpc-btunet-{stage}",
         "nodes": cfg.nodes,
@@ -364,12 +421,33 @@ def slurm_submit(executor: submitit.Executor, fn: Callable, configs: Sequence) -
     dependency it rejects, a request it cannot satisfy) becomes one ``UserError`` with its
     words."""
     job_fn = Job(fn)
+    inner = getattr(executor, "_executor", executor)
+    folder = submitit.core.utils.JobPaths.get_first_id_independent_folder(
+        getattr(inner, "folder", Path("."))
+    )
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
     try:
-        with executor.batch():
+        # submitit prints sbatch's complaint as well as raising it: said once, in the error
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
             jobs = [executor.submit(job_fn, c) for c in configs]
     except submitit.core.utils.FailedJobError as e:  # sbatch's stderr is its message
+        _remove_new_files(folder, before, made)
         raise UserError(f"SLURM refused the submission: {str(e).strip()}") from None
     return jobs
+
+
+def _remove_new_files(folder: Path, before: set[str], made: list[Path]) -> None:
+    """After a refused submission: the files submitit wrote for it (its sbatch script, the
+    pickled calls) and the folders made for them go, so ``--out`` is as it was."""
+    if folder.is_dir():
+        for name in set(os.listdir(folder)) - before:
+            path = folder / name
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+    for path in made:  # the deepest first
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def update_dependency(job_id: str, dependency: str) -> str | None:
@@ -425,15 +503,20 @@ class Job:
         if env is not None and os.environ["SUBMITIT_EXECUTOR"] == "local":
             JobWatchdog(env.paths.folder, str(env.job_id), env.global_rank, env.num_tasks)
         try:
-            return self.fn(cfg)
+            result = self.fn(cfg)
         except Exception as e:
             if env is not None and env.num_tasks > 1 and env.global_rank != 0:
                 main_log = submitit.core.utils.JobPaths(env.paths.folder, env.job_id, 0).stderr
                 report_failure(main_log, env.global_rank, e, env.paths.stderr)
             user = as_user_error(e)
+            if env is not None:
+                write_outcome(env.paths.folder, env.job_id, env.global_rank, user or e)
             if user is not None and user is not e:
                 raise user from e
             raise
+        if env is not None:
+            write_outcome(env.paths.folder, env.job_id, env.global_rank, None)
+        return result
 
     def checkpoint(self, cfg: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(Job(self.fn), cfg)
@@ -450,21 +533,10 @@ PEER_LOST = (
 )
 
 
-def failure_reason(error: Exception) -> str:
-    """The final exception of a failed job's traceback (a toolkit error: its message alone), or,
-    for a task that produced no result, the line it wrote on stopping or the log's last line."""
+def failure_reason(error: Exception | str) -> str:
+    """For a task that produced no outcome (killed, or a log's text): the line it wrote on
+    stopping, else the log's last line."""
     text = str(error)
-    if isinstance(error, submitit.core.utils.FailedJobError):
-        parts = _DASHES.split(text)
-        body = parts[1] if len(parts) > 2 else text
-        last = body.rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
-        exc = [line for line in last if line.strip()]
-        start = next((i for i, line in enumerate(exc) if not line.startswith(" ")), 0)
-        lines = exc[start:]
-        head, sep, message = (lines[0] if lines else "").partition(": ")
-        if sep and head.startswith("hpc_btunet."):
-            return "\n".join([message, *lines[1:]]).strip()
-        return "\n".join(lines).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip() and "----" not in line]
     ours = [line for line in lines if line.startswith("hpc-btunet: ")]
     if ours:
@@ -474,37 +546,80 @@ def failure_reason(error: Exception) -> str:
     )
 
 
-def _result(job: submitit.Job, label: str) -> list:
-    """Wait for every task of ``job``; on failure raise one ``UserError`` with the root cause: a
-    task's own error first, then a task that ended without a result (killed), and only then the
-    tasks that failed because of them (a lost peer in a collective, a stop by the watchdog)."""
-    tasks = [job] if job.num_tasks == 1 else [job.task(k) for k in range(job.num_tasks)]
-    local = isinstance(job, submitit.LocalJob)
-    results, failures = [], []
-    for k, task in enumerate(tasks):
-        if local and job.done() and not task.paths.result_pickle.exists():
-            # on this machine a result file is there at once: no need for submitit's grace wait
-            failures.append((k, task, submitit.core.utils.UncompletedJobError(task.stderr() or "")))
+@dataclass(frozen=True)
+class TaskFailure:
+    """Why one task of a job did not succeed: its own error (``raised``), or no outcome at all
+    (killed: ``reason`` from its log)."""
+
+    rank: int
+    reason: str
+    raised: bool
+    log: Path
+
+    def order(self) -> tuple[int, int]:
+        """Root cause first: a task's own error, then a task killed outright, and only then the
+        tasks that failed because of them (a lost peer in a collective, a stop by the
+        watchdog)."""
+        if self.raised:
+            return (2 if any(m in self.reason for m in PEER_LOST) else 0, self.rank)
+        return (3 if STOPPED_BY_SIBLING in self.reason else 1, self.rank)
+
+
+def _read_log(path: Path, limit: int = 1 << 20) -> str:
+    """The end of a log (at most ``limit`` bytes), "" when it cannot be read."""
+    from hpc_btunet.readers import open_regular
+
+    try:
+        with open_regular(path, what="log") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit).decode(errors="replace")
+    except (OSError, UserError):
+        return ""
+
+
+def task_failures(folder: Path, job_id: str, num_tasks: int, logs: Sequence[Path]) -> list:
+    """The tasks of an ended job that did not succeed, from their outcome files and logs only
+    (never submitit's result pickles)."""
+    outcomes = job_outcomes(folder, job_id)
+    failures = []
+    for k in range(num_tasks):
+        outcome = outcomes.get(k)
+        if outcome is not None and outcome.state == "done":
             continue
-        try:
-            results.append(task.result())
-        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
-            failures.append((k, task, e))
+        if outcome is not None:
+            failures.append(TaskFailure(k, outcome.message, True, logs[k]))
+        else:
+            failures.append(TaskFailure(k, failure_reason(_read_log(logs[k])), False, logs[k]))
+    return failures
+
+
+def root_cause(failures: Sequence[TaskFailure]) -> TaskFailure:
+    return min(failures, key=TaskFailure.order)
+
+
+# on a shared file system a finished task's outcome may show up a little after SLURM says done
+_OUTCOME_GRACE_S = 30.0
+
+
+def _result(job: submitit.Job, label: str) -> None:
+    """Wait for every task of ``job``; on failure raise one ``UserError`` with the root cause
+    (:meth:`TaskFailure.order`)."""
+    tasks = [job] if job.num_tasks == 1 else [job.task(k) for k in range(job.num_tasks)]
+    for task in tasks:
+        task.wait()
+    folder, job_id = job.paths.folder, str(job.job_id)
+    grace = 0.0 if isinstance(job, submitit.LocalJob) else _OUTCOME_GRACE_S
+    deadline = time.monotonic() + grace
+    while True:
+        failures = task_failures(folder, job_id, len(tasks), [t.paths.stderr for t in tasks])
+        if not failures or any(f.raised for f in failures) or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
     if not failures:
-        return results
-
-    def rank_of(failure) -> tuple[int, int]:
-        k, _, error = failure
-        reason = failure_reason(error)
-        if isinstance(error, submitit.core.utils.FailedJobError):
-            return (2 if any(m in reason for m in PEER_LOST) else 0, k)
-        return (3 if STOPPED_BY_SIBLING in reason else 1, k)
-
-    k, task, error = min(failures, key=rank_of)
-    where = f" (rank {k})" if len(tasks) > 1 else ""
-    raise UserError(
-        f"{label} failed{where}: {failure_reason(error)}\n  log: {task.paths.stderr}"
-    ) from None
+        return
+    cause = root_cause(failures)
+    where = f" (rank {cause.rank})" if len(tasks) > 1 else ""
+    raise UserError(f"{label} failed{where}: {cause.reason}\n  log: {cause.log}") from None
 
 
 def _check_run_folders(
@@ -597,6 +712,7 @@ def run_local(
     config (job, None) or (job, the failure's message); with ``stop_on_failure`` the first
     failure is raised instead. ``started(i, job)`` is called as each job starts and ``poll()``
     about twice a second while jobs run (progress lines)."""
+    fn = fn if isinstance(fn, Job) else Job(fn)  # its outcome file, the watchdog
     jobs: list = [None] * len(configs)
     outcomes: list = [None] * len(configs)
     running: list[int] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from hpc_btunet.outcome import outcome_path, read_outcome
 
 OWNER_PID = "HPC_BTUNET_OWNER_PID"
 OWNER_STARTED = "HPC_BTUNET_OWNER_STARTED"
@@ -108,15 +109,10 @@ def terminating_signals_interrupt():
             signal.signal(s, h)
 
 
-def _result_outcome(path: Path) -> str | None:
-    """``"success"``, ``"error"`` or None (no result yet) of a submitit task's result file."""
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)[0]
-    except FileNotFoundError:
-        return None
-    except Exception:  # a file being written, or unreadable: treat as not there yet
-        return None
+def _outcome(folder: Path, job_id: str, rank: int) -> str | None:
+    """``"done"``, ``"error"`` or None (none yet) of a sibling task, from its outcome file."""
+    outcome = read_outcome(outcome_path(folder, job_id, rank))
+    return outcome.state if outcome is not None else None
 
 
 def _exit_now(message: str) -> None:
@@ -132,7 +128,7 @@ class JobWatchdog:
     """A daemon thread inside a local job: stops the job when its command is gone, or when a
     sibling task ended without success (the local stand-in for ``srun --kill-on-bad-exit``).
 
-    A sibling ended without success when its submitit result says "error", or when its process
+    A sibling ended without success when its outcome file says "error", or when its process
     (recorded by pid and start time in ``<job>_<rank>.pid`` beside the logs) is gone without a
     result: killed outright."""
 
@@ -171,11 +167,10 @@ class JobWatchdog:
         for rank in range(self.num_tasks):
             if rank == self.rank:
                 continue
-            result = self.folder / f"{self.job_id}_{rank}_result.pkl"
-            outcome = _result_outcome(result)
-            # a result written just before the process ended is read again to be sure
+            outcome = _outcome(self.folder, self.job_id, rank)
+            # an outcome written just before the process ended is read again to be sure
             if (outcome == "error" or (outcome is None and self._alive(rank) is False)) and (
-                _result_outcome(result) != "success"
+                _outcome(self.folder, self.job_id, rank) != "done"
             ):
                 return rank
         return None

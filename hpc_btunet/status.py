@@ -11,6 +11,7 @@ after a few minutes; their state is then read from the files alone.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from hpc_btunet.errors import UserError
+from hpc_btunet.readers import KB, MB, inside, open_regular, read_yaml
 
 RESULTS = {"pretrain": "encoder.pt", "finetune": "metrics.json", "report": "report.md"}
 _PREEMPTED = ("this job is preempted", "this job is timed-out")
+NEVER_SATISFIED = "DependencyNeverSatisfied"
 
 
 @dataclass
@@ -50,19 +53,23 @@ def expected_tasks(out: Path, record: dict) -> list[tuple[str, str, Path]]:
     return tasks
 
 
+def _tail(path: Path, size: int) -> str:
+    """The last ``size`` bytes of a regular file as text; "" when it cannot be read (absent,
+    not a regular file: a named pipe is never opened for reading)."""
+    try:
+        with open_regular(path, what="log") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read(size).decode(errors="replace")
+    except (OSError, UserError):
+        return ""
+
+
 def _tail_record(path: Path) -> dict | None:
     """The last complete JSON line of a ``metrics.jsonl`` (read from its end)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in reversed(_tail(path, 8 * KB).splitlines()):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(record, dict):
             return record
@@ -70,71 +77,94 @@ def _tail_record(path: Path) -> dict | None:
 
 
 def _config(run_dir: Path) -> dict:
-    import yaml
-
     try:
-        return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("config") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
+        config = read_yaml(run_dir / "config.yaml", limit=MB).get("config")
+    except (OSError, UserError):
         return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def task_progress(stage: str, run_dir: Path) -> str:
-    """Where a running task is: pre-training's step and loss, fine-tuning's epoch."""
+    """Where a running task is: pre-training's step and loss, fine-tuning's epoch (a field of
+    the wrong type in a hand-edited file is left out, never a crash)."""
     last = _tail_record(run_dir / "metrics.jsonl")
     config = _config(run_dir)
     if stage == "pretrain":
-        total = config.get("total_steps")
+        total = _count(config.get("total_steps"))
         if last is None:
             return "starting" + (f" ({total} steps)" if total else "")
         of = f"/{total}" if total else ""
-        return f"step {last.get('step')}{of} loss {last.get('loss', float('nan')):.4g}"
+        loss = _number(last.get("loss"))
+        step = _count(last.get("step"))
+        return f"step {step if step is not None else '?'}{of}" + (
+            f" loss {loss:.4g}" if loss is not None else ""
+        )
     if stage == "finetune":
         if last is None:
             return "starting"
-        epochs = config.get("epochs")
+        epochs = _count(config.get("epochs"))
         of = f"/{epochs}" if epochs else ""
-        return f"epoch {int(last.get('epoch', 0)) + 1}{of} val loss {last.get('val_loss', 0):.3f}"
+        epoch = _count(last.get("epoch"))
+        val = _number(last.get("val_loss"))
+        return f"epoch {epoch + 1 if epoch is not None else '?'}{of}" + (
+            f" val loss {val:.3f}" if val is not None else ""
+        )
     return ""
 
 
 def _requeues(log: Path) -> int:
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return 0
+    text = _tail(log, 4 * MB)
     return sum(text.count(marker) for marker in _PREEMPTED)
 
 
-def _failure(entry: dict) -> tuple[str, str]:
-    """(state, detail) of a job that left the queue without its result."""
-    import submitit
+def _failure(out: Path, entry: dict) -> tuple[str, str]:
+    """(state, detail) of a job that left the queue without its result, from its outcome
+    files and log (never submitit's pickles); a log path outside the experiment is not read."""
+    from hpc_btunet.launch import root_cause, task_failures
 
-    from hpc_btunet.launch import failure_reason
+    log = inside(entry.get("log") or "", out)
+    if log is None or not entry.get("log"):
+        return "failed", f"its log {entry.get('log')!r} is not inside {out}: not read"
+    job_id = str(entry.get("job_id", ""))
+    rank_logs = sorted(log.parent.glob(f"{glob.escape(job_id)}_*_log.err"))
+    num_tasks = max(1, sum(p.name[len(job_id) + 1 : -len("_log.err")].isdigit() for p in rank_logs))
+    logs = [log.parent / f"{job_id}_{k}_log.err" for k in range(num_tasks)]
+    failures = task_failures(log.parent, job_id, num_tasks, logs)
+    if not failures:  # every task said done, yet the result file is not there
+        return "failed", f"it ended without writing its result (log {log})"
+    if not any(f.raised for f in failures) and not os.path.lexists(log):
+        dependency = entry.get("dependency")
+        why = f"its dependency ({dependency}) failed, or scancel" if dependency else "scancel?"
+        return "cancelled", f"never started ({why})"
+    cause = root_cause(failures)
+    reason = [line for line in cause.reason.splitlines() if line.strip()] or [""]
+    return "failed", f"{reason[-1]} (log {cause.log})"
 
-    log = Path(entry.get("log", ""))
-    result = log.parent / log.name.replace("_log.err", "_result.pkl")
-    if result.exists():
-        try:
-            outcome = submitit.core.utils.pickle_load(result)
-        except Exception:  # a result cut short: the log says more
-            outcome = None
-        if isinstance(outcome, tuple) and outcome and outcome[0] == "error":
-            error = submitit.core.utils.FailedJobError(str(outcome[1]))
-            return "failed", f"{failure_reason(error).splitlines()[-1]} (log {log})"
-    if not log.exists():
-        return "cancelled", "never started (a dependency failed, or scancel)"
-    reason = failure_reason(
-        submitit.core.utils.UncompletedJobError(log.read_text(errors="replace"))
-    )
-    return "failed", f"{reason.splitlines()[-1]} (log {log})"
 
-
-def _pid_alive(job_id: str) -> bool:
+def _pid_alive(entry: dict) -> bool:
+    """Whether a local job's process still runs: its pid and, since a pid is reused once its
+    process is gone, its start time as recorded (an older record without it: a submitit job's
+    command line)."""
     import psutil
 
     try:
-        process = psutil.Process(int(job_id))
-        return process.status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(int(entry.get("job_id", "")))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        started = entry.get("started")
+        if isinstance(started, int | float) and not isinstance(started, bool):
+            return abs(process.create_time() - started) < 0.01
+        return any("submitit" in part for part in process.cmdline())
     except (ValueError, psutil.Error):
         return False
 
@@ -160,13 +190,13 @@ def collect(out: Path) -> tuple[dict, list[Row]]:
     for stage, label, run_dir in expected_tasks(out, record):
         entry = entries.get(label) or {}
         job_id = str(entry.get("job_id", ""))
-        log = Path(entry["log"]) if entry.get("log") else None
+        log = inside(entry["log"], out) if entry.get("log") else None
         requeued = _requeues(log) if log else 0
         short = label.removeprefix(f"{stage}/")
         slurm = entry.get("executor") == "slurm"
         result = run_dir / RESULTS[stage]
         # a job still queued comes first: a report being rewritten is not done yet
-        live = job_id in queue if slurm else (not result.exists() and _pid_alive(job_id))
+        live = job_id in queue if slurm else (not result.exists() and _pid_alive(entry))
         if entry and live:
             q = queue.get(job_id, {"state": "RUNNING", "reason": "None", "restarts": "0"})
             restarts = max(int(q.get("restarts") or 0), requeued)
@@ -176,6 +206,12 @@ def collect(out: Path) -> tuple[dict, list[Row]]:
             detail = task_progress(stage, run_dir) if q["state"] == "RUNNING" else ""
             if q["state"] == "PENDING" and q.get("reason") not in (None, "", "None"):
                 detail = f"waiting: {q['reason']}"
+            if q["state"] == "PENDING" and q.get("reason") == NEVER_SATISFIED:
+                state = "cancelled"  # what SLURM makes of it (--kill-on-invalid-dep)
+                detail = (
+                    f"its dependency ({entry.get('dependency') or 'a job before it'}) ended "
+                    "without success, so it can never start: SLURM cancels it"
+                )
             rows.append(Row(stage, short, state, job_id, detail))
             continue
         if result.exists():
@@ -185,7 +221,7 @@ def collect(out: Path) -> tuple[dict, list[Row]]:
         if not entry:
             rows.append(Row(stage, short, "not submitted", "", str(run_dir)))
             continue
-        state, detail = _failure(entry)
+        state, detail = _failure(out, entry)
         rows.append(Row(stage, short, state, job_id, detail))
     return record, rows
 

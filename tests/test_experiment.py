@@ -142,20 +142,19 @@ def test_local_executor_records_jobs_and_status_reads_them(data, tmp_path):
 
 
 def test_status_states_from_files(data, tmp_path):
-    """done, failed (with the error and log), cancelled, not submitted, from the record alone."""
-    import pickle
-
+    """done, failed (with the error and log), cancelled, not submitted, from the record alone:
+    the job's outcome file and its log, never a pickle."""
+    from hpc_btunet.errors import UserError
+    from hpc_btunet.outcome import write_outcome
     from hpc_btunet.status import collect
 
     exp = tmp_path / "exp"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / "7_0_log.err").write_text("start\n")
-    with open(logs / "7_0_result.pkl", "wb") as f:
-        pickle.dump(
-            ("error", "Traceback (most recent call last):\nhpc_btunet.errors.UserError: boom\n"),
-            f,
-        )
+    logs = exp / "logs" / "finetune"
+    logs.mkdir(parents=True)
+    (logs / "7_0_0_log.err").write_text("start\n")
+    write_outcome(logs, "7_0", 0, UserError("boom"))
+    # a submitit result pickle beside it is never read (status would run its code)
+    (logs / "7_0_0_result.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
     record = {
         "format": 1,
         "data": str(data),
@@ -168,16 +167,16 @@ def test_status_states_from_files(data, tmp_path):
             "finetune/unet/scratch/fold-0": {
                 "job_id": "7_0",
                 "executor": "slurm",
-                "log": str(logs / "7_0_log.err"),
+                "log": str(logs / "7_0_0_log.err"),
             },
             "finetune/unet/scratch/fold-1": {
                 "job_id": "7_1",
                 "executor": "slurm",
-                "log": str(logs / "7_1_log.err"),
+                "log": str(logs / "7_1_0_log.err"),
+                "dependency": "afterok:6",
             },
         },
     }
-    exp.mkdir()
     (exp / "experiment.json").write_text(json.dumps(record))
     done = exp / "finetune" / "unet" / "scratch" / "fold-2"
     done.mkdir(parents=True)
@@ -186,10 +185,14 @@ def test_status_states_from_files(data, tmp_path):
     states = {r.label: (r.state, r.detail) for r in rows}
     assert states["unet/scratch/fold-0"][0] == "failed"
     assert "boom" in states["unet/scratch/fold-0"][1]
-    assert str(logs / "7_0_log.err") in states["unet/scratch/fold-0"][1]
-    assert states["unet/scratch/fold-1"][0] == "cancelled"
+    assert str(logs / "7_0_0_log.err") in states["unet/scratch/fold-0"][1]
+    assert states["unet/scratch/fold-1"] == (
+        "cancelled",
+        "never started (its dependency (afterok:6) failed, or scancel)",
+    )
     assert states["unet/scratch/fold-2"][0] == "done"
     assert states["report"][0] == "not submitted"
+    assert not (exp / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_task_progress_and_the_progress_line(tmp_path, monkeypatch):

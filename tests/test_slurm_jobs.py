@@ -314,3 +314,37 @@ def test_a_dead_rank_ends_a_two_node_job_at_once(data, tmp_path):
     pre = job_id(done.stdout)
     main_log = next((tmp_path / "exp" / "logs" / "pretrain").glob(f"{pre}/{pre}_0_log.err"))
     assert "rank 1 failed: ShardError" in main_log.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_job_after_one_that_then_fails_is_cancelled_not_pending(data, tmp_path):
+    """The README's two-step workflow (``finetune --after J``) when J fails after the
+    submission: SLURM cancels the dependent job (``--kill-on-invalid-dep``) instead of leaving
+    it pending for good (DependencyNeverSatisfied)."""
+    first = subprocess.run(
+        ["sbatch", "--parsable", "-p", "debug", "-o", str(tmp_path / "j.out")]
+        + ["--wrap", "sleep 8; exit 1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert first.returncode == 0, first.stderr
+    failing = first.stdout.strip().split(";")[0]
+    out = cli(
+        "finetune", "--data", data, "--out", tmp_path / "exp", "--folds", 1,
+        "--variants", "scratch", "--epochs", 1, "--after", failing, *TINY,
+    )  # fmt: skip
+    dependent = job_id(out)
+    assert (
+        "KillOInInvalidDependent=Yes"
+        in subprocess.run(
+            ["scontrol", "show", "job", dependent], capture_output=True, text=True
+        ).stdout
+    )
+    _wait_for(lambda: _job_state(failing).get("JobState") == "FAILED", 120, "the job to fail")
+    state = _wait_for(
+        lambda: (s := _job_state(dependent).get("JobState")) not in ("PENDING", None) and s,
+        120,
+        "the dependent job to leave PENDING",
+    )
+    assert state == "CANCELLED", _job_state(dependent)

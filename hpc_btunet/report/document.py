@@ -88,6 +88,20 @@ def paper_table(dataset: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def left_out_section(left_out: list) -> list[str]:
+    """The ``metrics.json`` files left out (``LeftOut``: a sentence each, naming the file)."""
+    if not left_out:
+        return []
+    lines = ["## Results left out", ""]
+    lines += [f"- {x.reason}" for x in left_out]
+    return lines + [
+        "",
+        f"{len(left_out)} result file(s) left out: not in Table 2, Fig. 4, Fig. 5 or the "
+        "statistics.",
+        "",
+    ]
+
+
 def missing_section(missing: list[dict], problem: str) -> list[str]:
     if not missing and not problem:
         return []

@@ -2,16 +2,21 @@
 hash, the package version and git revision, engines, world sizes and wall times, collected from
 every run folder's ``config.yaml`` (``config``, ``provenance``), the pre-training runs'
 ``metrics.jsonl`` (``train_seconds``, summed over requeues) and the fine-tuning results
-(``train_seconds`` of each run's last start)."""
+(``train_seconds`` of each run's last start). Every file goes through
+:mod:`hpc_btunet.readers`; one it cannot use is left out of the counts ("unknown", "n/a")."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from hpc_btunet.report.results import read_yaml
+from hpc_btunet.errors import UserError
+from hpc_btunet.readers import loads_json, open_regular
+from hpc_btunet.report.results import MAX_SECONDS, mapping, number_within, read_yaml
 from hpc_btunet.report.table import model_order
+
+MAX_LOG_BYTES = 4 << 30  # a pre-training run's metrics.jsonl, read line by line
+MAX_LINE_BYTES = 64 << 10  # one logged step; a longer line is skipped
 
 
 def _counted(values: Counter) -> str:
@@ -26,18 +31,35 @@ def _pretrain_seconds(folder: Path) -> float | None:
     """The last ``train_seconds`` logged by a finished pre-training run (None for a run of a
     version that did not log it)."""
     seconds = None
+    path = folder / "metrics.jsonl"
     try:
-        lines = (folder / "metrics.jsonl").read_text(errors="replace").splitlines()
-    except OSError:
+        with open_regular(path, MAX_LOG_BYTES, "metrics log") as f:
+            for line in _lines(f):
+                try:
+                    step = loads_json(line, path)
+                except UserError:
+                    continue
+                value = step.get("train_seconds") if isinstance(step, dict) else None
+                if _seconds(value):
+                    seconds = float(value)
+    except (UserError, OSError):
         return None
-    for line in lines:
-        try:
-            value = json.loads(line).get("train_seconds")
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(value, int | float):
-            seconds = float(value)
     return seconds
+
+
+def _lines(f):
+    """The lines of a binary file, each at most ``MAX_LINE_BYTES`` (longer ones are skipped,
+    so that memory stays bounded)."""
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+            pass  # the rest of a line too long to be a logged step
+
+
+def _seconds(value: object) -> bool:
+    return number_within(value, 0, MAX_SECONDS)
 
 
 def _duration(seconds: float) -> str:
@@ -65,7 +87,7 @@ def provenance(
     for stage, paths in stages.items():
         for path in paths:
             recorded = read_yaml(path)
-            prov, config = recorded.get("provenance") or {}, recorded.get("config") or {}
+            prov, config = mapping(recorded, "provenance"), mapping(recorded, "config")
             for counter, value in (
                 (manifests, prov.get("manifest_sha256")),
                 (versions, prov.get("package_version")),
@@ -79,7 +101,7 @@ def provenance(
                     f"{config.get('engine', 'ddp')} ({config.get('precision', 'fp32')})"
                 ] += 1
                 worlds[stage][str(config.get("world_size", 1))] += 1
-    planned = str((record or {}).get("manifest_sha256") or "")
+    planned = str((record or {}).get("manifest_sha256") or "")[:128]
     hashes = sorted(set(manifests) | ({planned} if planned else set()))
     warnings = []
     if len(hashes) > 1:
@@ -123,11 +145,7 @@ def provenance(
         "- wall time of pre-training (training loop, summed over requeues): "
         + ("; ".join(pre) if pre else "no finished pre-training")
     )
-    fine = [
-        float(r["train_seconds"])
-        for r in results
-        if isinstance(r.get("train_seconds"), int | float)
-    ]
+    fine = [float(r["train_seconds"]) for r in results if _seconds(r.get("train_seconds"))]
     if fine:
         lines.append(
             f"- wall time of fine-tuning (training and test of each run's last start): "

@@ -1,24 +1,38 @@
-"""What an experiment folder holds for the report: the runs it should hold, the predictions of
-each fine-tuning run, and the test images of its dataset.
+"""What an experiment folder holds for the report: its fine-tuning results (checked), the runs
+it should hold, the predictions of each run, and the test images of its dataset.
 
-The report reads, never trains or repairs: a file it cannot use is a reason written into
-``report.md`` (the figure or interval it would have fed is skipped), not an error. Only input the
-user chose (``--images``) is refused.
+The report reads, never trains or repairs, and every file it reads is untrusted input (read
+through :mod:`hpc_btunet.readers`: regular files only, sizes bounded, strict JSON and YAML). A
+file it cannot use is a reason written into ``report.md``, not an error: a ``metrics.json`` that
+is damaged, holds values that are not metrics or lies in another run's folder is left out of
+every number (named under "Results left out"); the report is refused only when no fold is
+left. Only input the user chose (``--images``) is refused otherwise.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from hpc_btunet.errors import UserError
+from hpc_btunet.readers import MB, loads_json, read_bytes
+from hpc_btunet.readers import read_yaml as _read_yaml
+from hpc_btunet.report.predictions import Predictions, load_predictions
 
 RECORD_NAME = "experiment.json"
+RESULT_NAME = "metrics.json"
 VARIANTS = ("bt", "scratch")
+METRICS = ("precision", "dice", "iou")
+MAX_RESULT_BYTES = 16 * MB  # a metrics.json with its validation curve is a few KB
+MAX_CONFIG_BYTES = 1 * MB
+MAX_SECONDS = 1e9  # a wall time (30 years)
 Run = tuple[str, str, int]  # (model, variant, fold)
+FIX = (
+    "remove it and run that fold again (`hpc-btunet finetune ... --fold K` skips the folds "
+    "that are complete)"
+)
+_FOLD = re.compile(r"^fold-(0|[1-9][0-9]{0,8})$")
 
 
 def run_dir(experiment: Path, run: Run) -> Path:
@@ -30,18 +44,132 @@ def run_of(result: dict) -> Run:
     return result["model"], result["variant"], int(result["fold"])
 
 
-def read_record(experiment: Path) -> tuple[dict | None, str]:
-    """``experiment.json`` (None when there is none) and what is wrong with it (or "")."""
-    path = Path(experiment) / RECORD_NAME
-    if not path.exists():
-        return None, ""
+@dataclass
+class LeftOut:
+    """A ``metrics.json`` left out of the report: the file, why (a sentence naming it and the
+    fix) and the run its folder stands for (None when the folder names none)."""
+
+    path: Path
+    reason: str
+    run: Run | None
+
+
+def _folder_run(experiment: Path, path: Path) -> Run | None:
+    """The run ``finetune/<model>/<variant>/fold-<k>/metrics.json`` stands for, or None."""
+    model, variant, fold = path.relative_to(experiment).parts[1:4]
+    match = _FOLD.match(fold)
+    return (model, variant, int(match[1])) if match and variant in VARIANTS else None
+
+
+def number_within(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a number (not a bool) from ``low`` to ``high``: NaN and infinities
+    fail the comparison, and a huge JSON integer is compared without becoming a float."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def _shown(mapping: dict, key: str) -> str:
+    return f"{mapping[key]!r:.40}" if key in mapping else "missing"
+
+
+def _result_problem(result: object) -> str:
+    """What makes a parsed ``metrics.json`` not a fine-tuning result (or "")."""
+    if not isinstance(result, dict):
+        return f"it holds {type(result).__name__}, not an object"
+    for key, ok, want in (
+        ("model", isinstance(result.get("model"), str), "text"),
+        ("variant", result.get("variant") in VARIANTS, "bt or scratch"),
+        (
+            "fold",
+            isinstance(result.get("fold"), int) and not isinstance(result.get("fold"), bool),
+            "a whole number",
+        ),
+    ):
+        if not ok:
+            return f"{key} is {_shown(result, key)}, not {want}"
+    test = result.get("test")
+    for aggregate in ("mean", "pooled"):
+        values = test.get(aggregate) if isinstance(test, dict) else None
+        if not isinstance(values, dict):
+            return f"test.{aggregate} is missing or not an object"
+        for m in METRICS:
+            if not number_within(values.get(m), 0, 1):
+                return f"test.{aggregate}.{m} is {_shown(values, m)}, not a number in [0, 1]"
+    seconds = result.get("train_seconds")
+    if seconds is not None and not number_within(seconds, 0, MAX_SECONDS):
+        return f"train_seconds is {seconds!r:.40}, not a duration"
+    if not isinstance(result.get("predictions") or "", str):
+        return "predictions is not a file name"
+    return ""
+
+
+def read_result(experiment: Path, path: Path) -> dict | LeftOut:
+    """One fold's ``metrics.json``, checked: a regular file within the size bound, strict JSON,
+    the fields of a fine-tuning result with finite metrics in [0, 1], and the model, variant
+    and fold of the folder it lies in. Otherwise why it is left out."""
+    run = _folder_run(experiment, path)
     try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"{path} is unreadable ({e}); the expected runs are those found"
-    if not isinstance(record, dict):
-        return None, f"{path} is not an experiment record; the expected runs are those found"
-    return record, ""
+        result = loads_json(read_bytes(path, MAX_RESULT_BYTES, "fine-tuning result"), path, FIX)
+    except UserError as e:
+        return LeftOut(path, str(e), run)
+    except OSError as e:
+        return LeftOut(path, f"{path} cannot be read ({e.strerror}): {FIX}", run)
+    problem = _result_problem(result)
+    if problem:
+        return LeftOut(path, f"{path} is not a fine-tuning result ({problem}): {FIX}", run)
+    says = run_of(result)
+    if says != run:
+        folder = path.parent.relative_to(experiment)
+        return LeftOut(
+            path,
+            f"{path} is not the result of its folder {folder} (it says "
+            "{}/{}/fold-{}): move it back to its own run folder, or {}".format(*says, FIX),
+            run,
+        )
+    return result
+
+
+def read_results(experiment: Path) -> tuple[list[dict], list[LeftOut]]:
+    """Every fine-tuning result of the experiment (checked by :func:`read_result`) and the
+    files left out. One ``UserError`` when none is usable: it names each file and why."""
+    experiment = Path(experiment)
+    if not experiment.is_dir():
+        raise UserError(
+            f"--experiment {experiment} is not a folder: pass the --out folder of the jobs"
+        )
+    files = sorted(experiment.glob(f"finetune/*/*/fold-*/{RESULT_NAME}"))
+    if not files:
+        raise UserError(
+            f"no fine-tuning results under {experiment}/finetune/: run `hpc-btunet finetune` "
+            "(or `demo`) first"
+        )
+    results, left_out = [], []
+    for path in files:
+        read = read_result(experiment, path)
+        (left_out if isinstance(read, LeftOut) else results).append(read)
+    if not results:
+        if len(left_out) == 1:
+            raise UserError(left_out[0].reason)
+        raise UserError(
+            f"no usable fine-tuning result under {experiment}/finetune/, {len(left_out)} left "
+            "out: " + " ".join(f"({i}) {x.reason}." for i, x in enumerate(left_out, 1))
+        )
+    return results, left_out
+
+
+def read_predictions(experiment: Path, result: dict) -> Predictions | str:
+    """The predictions of a checked result's run, or why there are none usable (a sentence)."""
+    return load_predictions(run_dir(experiment, run_of(result)), result.get("predictions"))
+
+
+def read_record(experiment: Path) -> tuple[dict | None, str]:
+    """``experiment.json`` as :func:`hpc_btunet.experiment.load_record` checks it (None when
+    there is none or it is unusable) and what is wrong with it (or "")."""
+    from hpc_btunet.experiment import load_record
+
+    try:
+        return load_record(Path(experiment)), ""
+    except (UserError, OSError) as e:
+        return None, f"{e}; the expected runs are those found"
 
 
 def expected_runs(results: list[dict], record: dict | None) -> list[Run]:
@@ -56,10 +184,13 @@ def expected_runs(results: list[dict], record: dict | None) -> list[Run]:
     return [(m, v, k) for m, v in pairs for k in folds]
 
 
-def missing_runs(experiment: Path, results: list[dict], record: dict | None) -> list[dict]:
-    """Expected runs without a result: the run, its folder, whether it started (``config.yaml``
-    present: failed, stopped or still running) and the job that last ran it, when recorded."""
-    found = {run_of(r) for r in results}
+def missing_runs(
+    experiment: Path, results: list[dict], record: dict | None, left_out: tuple[Run, ...] = ()
+) -> list[dict]:
+    """Expected runs without a result (those whose result was left out are named there): the
+    run, its folder, whether it started (``config.yaml`` present: failed, stopped or still
+    running) and the job that last ran it, when recorded."""
+    found = {run_of(r) for r in results} | set(left_out)
     tasks = (record or {}).get("tasks") or {}
     missing = []
     for run in expected_runs(results, record):
@@ -79,67 +210,30 @@ def missing_runs(experiment: Path, results: list[dict], record: dict | None) -> 
     return missing
 
 
-@dataclass
-class Predictions:
-    """One run's ``predictions.npz``: test keys in evaluation order and per-image Dice; the
-    masks (N x H x W, 0/1) are read only when a figure needs them."""
-
-    path: Path
-    keys: np.ndarray
-    dice: np.ndarray
-    _masks: np.ndarray | None = field(default=None, repr=False)
-
-    def index(self) -> dict[str, int]:
-        return {k: i for i, k in enumerate(self.keys.tolist())}
-
-    def masks(self) -> np.ndarray:
-        if self._masks is None:
-            with np.load(self.path) as z:
-                masks = z["masks"]
-            if masks.ndim != 3 or len(masks) != len(self.keys):
-                raise ValueError(f"masks of shape {masks.shape} for {len(self.keys)} keys")
-            self._masks = masks
-        return self._masks
-
-
-def read_predictions(experiment: Path, result: dict) -> Predictions | str:
-    """The run's predictions, or why there are none usable (a sentence for report.md)."""
-    name = result.get("predictions")
-    folder = run_dir(experiment, run_of(result))
-    if not name:
-        return f"{folder}: no predictions.npz (a run of an older version)"
-    path = folder / name
-    try:
-        with np.load(path) as z:
-            keys, dice = z["keys"], z["dice"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        return f"{path}: unreadable ({e})"
-    if keys.dtype.kind != "U" or keys.ndim != 1 or dice.shape != keys.shape:
-        return f"{path}: keys {keys.dtype} {keys.shape} and dice {dice.shape} do not match"
-    if not np.isfinite(dice).all():
-        return f"{path}: per-image Dice holds NaN or infinite values"
-    return Predictions(path, keys, dice.astype(float))
-
-
 def dataset_of(experiment: Path, results: list[dict], record: dict | None) -> Path | None:
     """The packed dataset of the experiment: its record's, else the first run's config."""
     if record and record.get("data"):
         return Path(record["data"])
     for result in results:
-        data = read_yaml(run_dir(experiment, run_of(result)) / "config.yaml").get("config") or {}
-        if data.get("data"):
-            return Path(data["data"])
+        config = mapping(read_yaml(run_dir(experiment, run_of(result)) / "config.yaml"), "config")
+        if isinstance(config.get("data"), str) and config["data"]:
+            return Path(config["data"])
     return None
 
 
 def read_yaml(path: Path) -> dict:
-    import yaml
-
+    """A run folder's ``config.yaml`` (strict, bounded, a regular file), or {} when it is
+    missing or not one: it only feeds the provenance."""
     try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return _read_yaml(path, MAX_CONFIG_BYTES, "run config")
+    except (UserError, OSError):
         return {}
-    return content if isinstance(content, dict) else {}
+
+
+def mapping(recorded: dict, key: str) -> dict:
+    """``recorded[key]`` when it is a mapping, else {} (a hand-edited config.yaml)."""
+    value = recorded.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass

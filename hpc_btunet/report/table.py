@@ -1,8 +1,9 @@
 """Tables from fine-tuning results: the layout of Table 2 of the BT-Unet paper.
 
-Reads ``<experiment>/finetune/<model>/<bt|scratch>/fold-<k>/metrics.json`` and gives, per model and
-with/without Barlow Twins, precision, Dice and IoU on the test split as mean +- standard deviation
-over folds (sample std, ddof=1). Each fold contributes its per-image mean by default (``pooled``
+From the results in ``<experiment>/finetune/<model>/<bt|scratch>/fold-<k>/metrics.json`` (read
+and checked by :mod:`hpc_btunet.report.results`), gives per model and with/without Barlow Twins
+precision, Dice and IoU on the test split as mean +- standard deviation over folds (sample std,
+ddof=1). Each fold contributes its per-image mean by default (``pooled``
 is the other choice); the empty-mask rule is the one stated in each metrics file.
 """
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from hpc_btunet.errors import UserError
+from hpc_btunet.report.results import read_results
 
 DISPLAY_NAMES = {
     "unet": "U-Net",
@@ -27,27 +28,6 @@ DISPLAY_NAMES = {
 COLUMNS = (("precision", "Pr"), ("dice", "DC"), ("iou", "IoU"))
 
 
-def _read_result(path: Path) -> dict:
-    """One fold's ``metrics.json``, refused with the file's name when it is not one."""
-    fix = (
-        "remove it and run that fold again (`hpc-btunet finetune ... --fold K` skips the "
-        "folds that are complete)"
-    )
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): {fix}") from None
-    try:
-        ok = isinstance(result["model"], str) and result["variant"] in ("bt", "scratch")
-        for aggregate in ("mean", "pooled"):
-            ok = ok and all(isinstance(result["test"][aggregate][m], float) for m, _ in COLUMNS)
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} is not a fine-tuning result (fields missing or mistyped): {fix}")
-    return result
-
-
 def model_order(models) -> list[str]:
     """Models in the paper's order (then any other by name), each once."""
     order = list(DISPLAY_NAMES)
@@ -56,16 +36,9 @@ def model_order(models) -> list[str]:
 
 
 def collect(experiment: Path) -> list[dict]:
-    if not Path(experiment).is_dir():
-        raise UserError(
-            f"--experiment {experiment} is not a folder: pass the --out folder of the jobs"
-        )
-    files = sorted(Path(experiment).glob("finetune/*/*/fold-*/metrics.json"))
-    if not files:
-        raise UserError(
-            f"no fine-tuning results under {experiment}/finetune/: run `hpc-btunet finetune` (or `demo`) first"
-        )
-    return [_read_result(f) for f in files]
+    """The experiment's usable fine-tuning results (:func:`hpc_btunet.report.results.read_results`;
+    the files it leaves out are dropped here, ``run`` names them in report.md)."""
+    return read_results(experiment)[0]
 
 
 def summarise(results: list[dict], aggregate: str = "mean") -> list[dict]:

@@ -262,12 +262,15 @@ def test_unknown_keys_are_listed_together(user_file):
     ("write", "words"),
     [
         (None, "does not exist"),
-        (b'{"train_batch_size": ', "is not JSON"),
-        (b"\xff\xfe{}", "is not JSON"),
+        (b'{"train_batch_size": ', "is not valid JSON"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
         (b"[1, 2]", "must hold a JSON object"),
         (b'"zero_optimization"', "must hold a JSON object"),
+        (b'{"gradient_clipping": 0.0, "gradient_clipping": 1.0}', "'gradient_clipping' twice"),
+        (b"{" * 100 + b"}" * 100, "nests 100 levels deep"),
+        (b" " * (2 << 20), "more than a DeepSpeed config may be"),
     ],
-    ids=["missing", "truncated", "not-utf8", "list", "string"],
+    ids=["missing", "truncated", "not-utf8", "list", "string", "duplicate", "deep", "huge"],
 )
 def test_an_unreadable_file_is_refused(tmp_path, write, words):
     path = tmp_path / "ds.json"
@@ -294,3 +297,35 @@ def test_fp16_on_cpu_is_refused_naming_bf16():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fp32_and_bf16_on_cpu_are_accepted(precision):
     check_precision(precision, CPU)
+
+
+# --- ZeRO-Offload ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("zero", "key"),
+    [
+        ({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer"),
+        (
+            {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}},
+            "offload_optimizer",
+        ),
+        ({"stage": 1, "offload_param": {"device": "cpu"}}, "offload_param"),
+        ({"stage": 1, "offload_optimizer": "cpu"}, "offload_optimizer"),
+        ({"stage": 1, "cpu_offload": True}, "cpu_offload"),
+    ],
+    ids=["optimizer-cpu", "optimizer-nvme", "param", "not-a-section", "old-flag"],
+)
+def test_zero_offload_is_refused_naming_the_key(user_file, zero, key):
+    path = user_file({"zero_optimization": zero})
+    with pytest.raises(UserError) as e:
+        build_config(spec(zero_stage=zero["stage"], deepspeed_config=path), 1)
+    message = str(e.value)
+    assert f"sets zero_optimization.{key} = " in message
+    assert "ZeRO-Offload" in message and f"remove {key} from the file" in message
+
+
+def test_offload_to_none_is_no_offload(user_file):
+    path = user_file({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}}})
+    config = build_config(spec(zero_stage=1, deepspeed_config=path), 1)
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "none"}

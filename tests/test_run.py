@@ -133,3 +133,104 @@ def test_accumulation_reads_only_the_batches_that_make_whole_steps(data, tmp_pat
     # 42 images, micro-batches of 8: 5 per epoch, 2 steps of 2 micro-batches, 1 left over
     pretrain.run(config(data, tmp_path, steps=4, accumulate=2))
     assert len(decoded) == 4 * 2 * 8, "the leftover micro-batch of each epoch is not read"
+
+
+# --- records read back: config.yaml and metrics.jsonl ------------------------------------------
+
+
+def test_config_yaml_reads_back_what_was_written(data, tmp_path):
+    """Strings a YAML 1.2 reader takes for numbers are quoted when written."""
+    from hpc_btunet.train.run import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    config = {"lr": 1e-3, "name": "1e-3", "mode": "0o17", "clock": "1:30", "big": 1e20}
+    rundir.write_config(config, {"options": config}, "0" * 64)
+    assert rundir.recorded()["config"] == config
+    assert rundir.recorded()["identity"] == {"options": config}
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"identity: {a: 1}\nidentity: {a: 2}\n", "'identity' is given twice"),
+        (b"\x00\xff\x13garbage", "not UTF-8 text"),
+        (b"- a list\n", "must hold a mapping"),
+        (b"identity: [unclosed\n", "not valid YAML"),
+    ],
+    ids=["duplicate-key", "binary", "list", "broken"],
+)
+def test_a_damaged_config_yaml_is_refused_naming_it(tmp_path, content, words):
+    from hpc_btunet.train.run import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    rundir.config_file.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        rundir.check_records()
+    assert str(rundir.config_file) in str(e.value) and words in str(e.value)
+    assert "remove the run folder" in str(e.value)
+
+
+def test_config_yaml_of_enormous_size_is_refused_before_it_is_read(tmp_path):
+    import os
+
+    from hpc_btunet.train.run import CONFIG_LIMIT, RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    with open(rundir.config_file, "wb") as f:  # sparse: no disk, no memory
+        f.truncate(CONFIG_LIMIT + 1)
+    with pytest.raises(UserError, match="bytes, more than a run record"):
+        rundir.recorded()
+    os.unlink(rundir.config_file)
+    os.mkfifo(rundir.config_file)  # opening it for reading would block without O_NONBLOCK
+    with pytest.raises(UserError, match="named pipe"):
+        rundir.recorded()
+
+
+def test_a_metrics_log_that_is_no_file_is_refused_before_submission(tmp_path):
+    import os
+
+    from hpc_btunet.train.run import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    os.mkfifo(rundir.metrics_log)
+    with pytest.raises(UserError, match="metrics.jsonl is a named pipe"):
+        rundir.check_records()
+
+
+def test_resume_drops_damaged_log_lines_with_one_warning(tmp_path, capsys):
+    from hpc_btunet.train.run import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    lines = [
+        b'{"step": 1, "loss": 1.0}',
+        b'{"step": 2, "loss": 0.9, "loss": 5.0}',  # a key twice: edited
+        b"\xff\xfe binary",
+        b'{"step": "three"}',
+        b"x" * (2 << 20),  # a line longer than a record
+        b'{"step": 4, "loss": 0.7}',
+        b'{"step": 5, "loss": 0.6}',  # after the checkpoint: logged again
+        b'{"step": 6, "lo',  # cut short by a kill: dropped silently
+    ]
+    rundir.metrics_log.write_bytes(b"\n".join(lines))
+    rundir.truncate_log(4)
+    kept = rundir.metrics_log.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [1, 4]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and str(rundir.metrics_log) in err
+    assert "4 damaged line(s) dropped (line 2: not a JSON record)" in err
+
+
+def test_resume_keeps_an_intact_log_silently(tmp_path, capsys):
+    from hpc_btunet.train.run import RunDir
+
+    rundir = RunDir(tmp_path / "run")
+    for step in range(1, 5):
+        rundir.log({"step": step, "loss": 1.0 / step})
+    rundir.truncate_log(3)
+    assert [json.loads(x)["step"] for x in rundir.metrics_log.read_text().splitlines()] == [1, 2, 3]
+    assert capsys.readouterr().err == ""

@@ -11,6 +11,11 @@ newest one still leaves a good one: resuming takes the newest *intact* checkpoin
 file present with its size, every torch archive passing its CRC check), and sets a damaged one
 aside as ``step-NNNNNNNN.corrupt`` with a warning naming it.
 
+Records read back are untrusted input (:mod:`hpc_btunet.readers`): a marker must be a regular
+file of bounded size holding strict JSON whose file list names files inside its folder with their
+sizes; the JSON beside a weight file (its model signature) likewise. Weights loaded as an input
+(``--pretrained``) must be finite: NaN or infinite weights are refused naming the file.
+
 Integrity: ``torch.save`` writes a zip archive with a CRC-32 of every member, which
 ``torch.load`` does not check (a flipped byte in a tensor loads as a wrong weight). Every read
 here first checks those CRCs (``zipfile.testzip``): one extra sequential read of the file, far
@@ -19,7 +24,7 @@ cheaper than the training it protects, and no side file to keep in step with the
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import pickle
 import re
@@ -33,6 +38,7 @@ import torch
 
 from hpc_btunet.atomic import atomic_open, write_json
 from hpc_btunet.errors import UserError
+from hpc_btunet.readers import MB, UnreadableFile, inside, read_json, regular_file
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = (
@@ -42,6 +48,8 @@ JOB_STATE = (
     "job.pt"  # the job's own progress (step, epoch, curve, ...), written by the main process
 )
 PARTIAL = ".partial"
+MARKER_LIMIT = 16 * MB  # a marker lists every rank's files: a few hundred bytes each
+SIGNATURE_LIMIT = 1 * MB  # the model signature beside a weight file
 
 
 def partial_dir(folder: Path, step: int) -> Path:
@@ -131,13 +139,42 @@ def checkpoint_step(path: Path) -> int:
 
 
 def read_marker(path: Path) -> dict:
-    """The marker of checkpoint ``path`` (engine, world size, files), or a UserError."""
+    """The marker of checkpoint ``path`` (engine, world size, files), or a UserError naming it
+    and the way out (the checkpoint before it is used once this one is gone)."""
     try:
-        meta = json.loads((Path(path) / MARKER).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"checkpoint {path} has an unreadable {MARKER} ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
-        raise UserError(f"checkpoint {path} has an unreadable {MARKER} (no file list)")
+        return _marker(path)
+    except _Damaged as e:
+        raise UserError(f"checkpoint {path} cannot be resumed: {e}") from None
+
+
+class _Damaged(Exception):
+    """Why a checkpoint's marker is not one :func:`commit` writes (naming it, with the fix)."""
+
+
+_MARKER_FIX = "move its checkpoint folder away to resume from the one before it"
+
+
+def _marker(path: Path) -> dict:
+    marker = Path(path) / MARKER
+    try:
+        meta = read_json(marker, MARKER_LIMIT, "checkpoint marker", _MARKER_FIX)
+    except FileNotFoundError:
+        raise _Damaged(f"{marker} is missing: {_MARKER_FIX}") from None
+    except UnreadableFile as e:
+        raise _Damaged(str(e)) from None
+    except OSError as e:
+        raise _Damaged(f"{marker} cannot be read ({e.strerror or e}): {_MARKER_FIX}") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):
+        raise _Damaged(f"{marker} holds no file list: {_MARKER_FIX}")
+    for name, size in files.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _Damaged(f"{marker} gives {name!r} no byte count: {_MARKER_FIX}")
+        if inside(name, path) in (None, Path(path).resolve()):
+            raise _Damaged(
+                f"{marker} lists {name!r}, which is not a file inside the checkpoint: "
+                + _MARKER_FIX
+            )
     return meta
 
 
@@ -155,8 +192,8 @@ def checkpoint_damage(path: Path) -> str | None:
     """Why checkpoint folder ``path`` cannot be resumed from, or None: its marker lists every
     file with its size, and every torch archive in it passes its CRC check."""
     try:
-        meta = read_marker(path)
-    except UserError as e:
+        meta = _marker(path)
+    except _Damaged as e:
         return str(e)
     for name, size in meta["files"].items():
         file = Path(path) / name
@@ -197,8 +234,12 @@ def save_file(path: Path, state: Any) -> None:
 def load_file(path: Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with one clear message for each failure."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist: check the path")
+    try:
+        regular_file(path, f"pass the {what} file itself")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist: check the path") from None
+    except UnreadableFile as e:
+        raise UserError(f"{what} {e}") from None
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise UserError(
             f"{what} {path} is not a readable torch file (not a torch.save archive): check or recreate it"
@@ -236,6 +277,32 @@ def load_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict |
         raise UserError(
             f"{what} {path} is not a state dict of tensors: pass an encoder.pt written by pretrain"
         )
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not _finite(v)), None)
+    if bad is not None:
+        values = state[bad]
+        kind = "NaN" if values.isnan().any() else "infinite"
+        raise UserError(
+            f"{what} {path} holds {kind} weights ({bad}): the run that wrote it diverged; pass "
+            "another file, or run it again (pretrain: a lower --lr or --grad-clip)"
+        )
+    return state, read_signature(path, what)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return t.numel() == 0 or math.isfinite(t.float().abs().max().item())
+
+
+def read_signature(path: Path, what: str) -> dict | None:
+    """The model signature written beside weight file ``path`` (``.json``), or None when there
+    is none; one that is not a JSON object is refused naming it."""
     sidecar = Path(path).with_suffix(".json")
-    signature = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-    return state, signature
+    fix = f"remove it to load {Path(path).name} without its check, or copy both files again"
+    try:
+        signature = read_json(sidecar, SIGNATURE_LIMIT, "model signature", fix)
+    except FileNotFoundError:
+        return None
+    except UnreadableFile as e:
+        raise UserError(f"{what}: {e}") from None
+    if not isinstance(signature, dict):
+        raise UserError(f"{what}: {sidecar} is not a model signature (a JSON object): {fix}")
+    return signature

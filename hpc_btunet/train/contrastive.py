@@ -152,6 +152,11 @@ class ContrastiveConfig(StepJobConfig):
                 f"image(s) (normal: label {self.normal_label!r}): the method contrasts both "
                 "classes; pack a dataset that has both, or set --normal-label"
             )
+        if not manifest.splits["test"]:
+            raise UserError(
+                f"the test split of {self.data} is empty: there is nothing to score the method "
+                "on; repack with more images or a larger --test-fraction"
+            )
         test_abnormal = sum(classes.get(k, 0) for k in manifest.splits["test"])
         if not test_abnormal:
             raise UserError(

@@ -4,7 +4,10 @@ Config. The toolkit's flags decide the micro-batch (``--batch-size``), the globa
 stage (``--zero-stage 0|1|2``), the precision and gradient clipping; ``--deepspeed-config FILE``
 merges a user's JSON over that (communication, bucket sizes, logging, ...). Unknown top-level keys
 fail listing the valid ones (those the installed DeepSpeed reads), and a key that contradicts a
-flag fails naming both. The merged config is written next to the run's ``config.yaml`` as
+flag fails naming both. ZeRO-Offload (``zero_optimization.offload_optimizer`` /
+``offload_param`` / ``cpu_offload``) is refused: it steps DeepSpeed's own CPU optimiser, and the job
+hands DeepSpeed its own. The file is read as untrusted input (a regular file of bounded size,
+strict JSON: no key twice). The merged config is written next to the run's ``config.yaml`` as
 ``deepspeed.json``.
 
 What DeepSpeed does not do for us, and how this engine makes up for it:
@@ -56,6 +59,7 @@ import torch.distributed as dist
 from hpc_btunet import distributed
 from hpc_btunet.errors import UserError
 from hpc_btunet.global_batchnorm import convert_global_batchnorm
+from hpc_btunet.readers import MB, UnreadableFile, loads_json, read_bytes
 from hpc_btunet.train.engine import HALF, Engine, EngineSpec, plain
 
 CONFIG_NAME = "deepspeed.json"
@@ -74,6 +78,12 @@ REFUSED = {
     "optimizer": "the job builds its optimiser from its own flags (--lr, ...; see --help)",
     "scheduler": "the job builds its learning-rate schedule from its own flags (see --help)",
 }
+# ZeRO-Offload's keys in zero_optimization: each runs the optimiser step (and with it the
+# optimiser) on the CPU, which DeepSpeed allows only for its own DeepSpeedCPUAdam
+OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")  # {"device": "cpu" | "nvme" | "none"}
+OFFLOAD_FLAGS = ("cpu_offload", "cpu_offload_param")  # the older booleans
+USER_CONFIG_LIMIT = 1 * MB
+_JSON_FIX = "fix the file (DeepSpeed reads plain JSON: not JSON5, no comments or trailing commas)"
 
 
 @contextlib.contextmanager
@@ -175,18 +185,48 @@ def valid_keys() -> list[str]:
 
 
 def read_user_config(path: Path) -> dict[str, Any]:
+    """The ``--deepspeed-config`` file: a regular file of at most 1 MB holding one JSON object,
+    read strictly (:mod:`hpc_btunet.readers`: no key given twice, bounded nesting)."""
     path = Path(path)
+    where = f"--deepspeed-config {path}"
     if path.is_dir():
-        raise UserError(f"--deepspeed-config {path} is a folder: pass a JSON file")
-    if not path.is_file():
-        raise UserError(f"--deepspeed-config {path} does not exist: check the path")
+        raise UserError(f"{where} is a folder: pass a JSON file")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--deepspeed-config {path} is not JSON ({e}): fix the file") from None
+        raw = read_bytes(path, USER_CONFIG_LIMIT, "DeepSpeed config")
+    except FileNotFoundError:
+        raise UserError(f"{where} does not exist: check the path") from None
+    except UnreadableFile as e:
+        raise UserError(f"--deepspeed-config {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not UTF-8 text (byte {e.start}): {_JSON_FIX}") from None
+    data = loads_json(text, where, _JSON_FIX)
     if not isinstance(data, dict):
-        raise UserError(f"--deepspeed-config {path} must hold a JSON object (a mapping of keys)")
+        raise UserError(f"{where} must hold a JSON object (a mapping of keys)")
     return data
+
+
+def _refuse_offload(user: dict[str, Any], path: Path) -> None:
+    """ZeRO-Offload, which steps DeepSpeed's own CPU optimiser where the job hands it its own."""
+    zero = user.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    asked = [
+        key
+        for key in OFFLOAD_SECTIONS
+        if key in zero
+        and not (isinstance(zero[key], dict) and str(zero[key].get("device", "none")) == "none")
+    ]
+    asked += [key for key in OFFLOAD_FLAGS if zero.get(key) not in (None, False)]
+    if asked:
+        key = asked[0]
+        raise UserError(
+            f"--deepspeed-config {path} sets zero_optimization.{key} = "
+            f"{json.dumps(zero[key])}: ZeRO-Offload steps DeepSpeed's own CPU optimiser "
+            "(DeepSpeedCPUAdam), and the job builds its own (--optimizer, --lr); remove "
+            f"{key} from the file (to save GPU memory: --zero-stage 2, or a smaller --batch-size)"
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -223,6 +263,7 @@ def build_config(spec: EngineSpec, world_size: int) -> dict[str, Any]:
     for key, why in REFUSED.items():
         if key in user:
             raise UserError(f"--deepspeed-config {path} sets {key!r}: remove it; {why}")
+    _refuse_offload(user, path)
     for key, value in user.items():
         if isinstance(config.get(key), dict) and not isinstance(value, dict):
             raise UserError(

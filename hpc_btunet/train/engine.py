@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,36 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(?::\d+)?")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` when it is a device a job can run on (auto, cpu, cuda, cuda:N); else one
+    error with the valid ones. Whether the device exists is :func:`pick_device`'s to say."""
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise UserError(
+            f"--device {name!r} is not a device a job runs on: choose auto (a GPU when one is "
+            "visible), cpu, cuda, or cuda:N (the GPU of that index)"
+        )
+    return name
+
+
 def pick_device(name: str) -> torch.device:
+    """The device ``name`` stands for on this machine, refusing one that is not here."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(
-            f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu"
+            f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu (or auto)"
         )
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {name}: this machine shows {torch.cuda.device_count()} GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}): choose one of them, or cuda"
+        )
+    return device
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -107,11 +107,22 @@ class FinetuneConfig(JobConfig):
                 f"{self.data} has no labelled subset or folds (packed without masks): pack a "
                 "labelled dataset"
             )
-        train_keys, _ = manifest.fold_keys(self.fold)
+        train_keys, val_keys = manifest.fold_keys(self.fold)
         if not train_keys:
             raise UserError(
                 f"the labelled subset of {self.data} is too small for its folds: fold {self.fold} "
                 "leaves nothing to train on; repack with a larger --labelled-fraction or fewer --folds"
+            )
+        if not val_keys:
+            raise UserError(
+                f"validation fold {self.fold} of {self.data} is empty: there is nothing to "
+                "validate (and keep the best epoch) on; repack with more images, a larger "
+                "--labelled-fraction or fewer --folds, or choose another --fold"
+            )
+        if not manifest.splits["test"]:
+            raise UserError(
+                f"the test split of {self.data} is empty: there is nothing to test the model on; "
+                "repack with more images or a larger --test-fraction"
             )
 
     def preflight(self, world_size: int = 1, device_type: str | None = None) -> None:

@@ -19,11 +19,12 @@ from hpc_btunet.config import check_values, option, to_dict
 from hpc_btunet.data.manifest import MANIFEST_NAME, SPLITS, sha256_file
 from hpc_btunet.data.staging import ON_ERROR as STAGE_ON_ERROR
 from hpc_btunet.errors import UserError
-from hpc_btunet.tracking import MODES
+from hpc_btunet.tracking import MODES, resolve_mode
 from hpc_btunet.train.engine import (
     ENGINES,
     PRECISIONS,
     EngineSpec,
+    check_device_name,
     check_precision,
     pick_device,
 )
@@ -116,6 +117,7 @@ class JobConfig:
         if self.data is None:
             raise UserError("--data is required: a packed dataset (see `hpc-btunet pack`)")
         check_values(self)
+        check_device_name(self.device)
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is a file: choose a folder (new or existing)")
         if self.engine != "deepspeed":
@@ -193,6 +195,7 @@ class JobConfig:
         complete = self.result_file().exists()
         identity = self.identity(world_size)
         rundir = RunDir(self.run_dir())
+        rundir.check_records()  # what the job reads back at its start, damaged or not
         rundir.check(identity, complete, self.force_resume, "run folder", self.identity_hints)
         last = None if complete else latest_checkpoint(rundir.checkpoints)
         if last is not None:  # what even --force-resume cannot continue
@@ -224,6 +227,7 @@ class JobConfig:
 
         self.check_world_size(world_size)
         self.check_engine(world_size, device_type)
+        resolve_mode(self.wandb)  # WANDB_MODE, which the job reads, as the flag is checked
         manifest = load_manifest(self.data)
         model = build_model(self.model, in_channels=manifest.channels, **self.model_options())
         check_input_size(model, manifest.image_size)
@@ -233,16 +237,29 @@ class JobConfig:
         """The engine and precision on the job's device; DeepSpeed's merged config."""
         import torch
 
-        if self.device != "auto":
-            device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        elif device_type is None:
-            device_type = pick_device("auto").type
+        device_type = self.job_device_type(device_type)
         check_precision(self.precision, torch.device(device_type))
         if self.engine == "deepspeed":
             from hpc_btunet.train.deepspeed_engine import build_config, import_deepspeed
 
             import_deepspeed(torch.device(device_type))
             build_config(self.engine_spec(), world_size)
+
+    def job_device_type(self, device_type: str | None = None) -> str:
+        """``cuda`` or ``cpu``: where the job runs, given where ``--device auto`` lands
+        (``device_type``; None: this machine, where ``--device cuda:N`` must exist too)."""
+        if self.device == "auto":
+            return device_type or pick_device("auto").type
+        if self.device == "cpu":
+            return "cpu"
+        if device_type is None:
+            pick_device(self.device)
+        elif device_type == "cpu":
+            raise UserError(
+                f"--device {self.device} needs a GPU, but the job asks for none: add "
+                "--gpus-per-node N, or use --device cpu (or auto)"
+            )
+        return "cuda"
 
     def check_inputs(self, manifest, world_size: int) -> None:
         """Job-specific checks against the dataset (a job overrides)."""

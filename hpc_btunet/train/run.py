@@ -10,6 +10,13 @@ from its checkpoint, and either only when the rerun's identity (see
 
 While a job runs, its main process holds the folder's lock (:mod:`hpc_btunet.folder_lock`): a
 second writer is refused, and temporary files of a killed writer are removed only by the holder.
+
+What a job reads back from its folder is untrusted input (:mod:`hpc_btunet.readers`):
+``config.yaml`` is read strictly (a regular file, bounded, no key given twice), and written so
+that the strict reader reads back what was written (YAML 1.2 numbers); ``metrics.jsonl`` must be
+a regular file of bounded size, and its lines that are not what :meth:`RunDir.log` writes are
+dropped on resume with one warning. Both are checked before submission
+(:meth:`RunDir.check_records`), so a damaged one costs no queue time.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -28,12 +36,32 @@ from hpc_btunet.atomic import atomic_open, remove_stale_temporaries
 from hpc_btunet.data.manifest import MANIFEST_NAME, sha256_file
 from hpc_btunet.errors import UserError
 from hpc_btunet.folder_lock import FolderLock
+from hpc_btunet.readers import (
+    MB,
+    StrictLoader,
+    UnreadableFile,
+    loads_json,
+    loads_yaml,
+    open_regular,
+    read_text,
+)
 from hpc_btunet.train.checkpoint import latest_intact_checkpoint
 
 CONFIG_NAME = "config.yaml"
 # the identity of an input that a job not yet run will write (a --pretrained awaited with
 # --after): it cannot be compared before submission, only when the job starts
 PENDING = "(not written yet)"
+CONFIG_LIMIT = 16 * MB  # config.yaml: the config, identity and a history of resumes
+LOG_LIMIT = 4096 * MB  # metrics.jsonl: a few hundred bytes per logged step
+LOG_LINE_LIMIT = 1 * MB  # one logged record
+
+
+class RecordDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper quoting what the strict reader (YAML 1.2 numbers) would read as
+    another type: the string ``1e-3`` is written ``'1e-3'``, not as a bare number."""
+
+
+RecordDumper.yaml_implicit_resolvers = StrictLoader.yaml_implicit_resolvers
 
 
 def git_revision() -> str:
@@ -76,17 +104,31 @@ class RunDir:
     # --- identity -------------------------------------------------------------------------------
 
     def recorded(self) -> dict | None:
-        """The ``config.yaml`` of an earlier start of this run, or None."""
-        if not self.config_file.is_file():
-            return None
+        """The ``config.yaml`` of an earlier start of this run, or None; one that is not what
+        :meth:`write_config` writes is refused, naming it."""
+        fix = f"remove the run folder {self.path} to start it again, or choose another --out"
         try:
-            data = yaml.safe_load(self.config_file.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            text = read_text(self.config_file, CONFIG_LIMIT, "run record")
+        except FileNotFoundError:
+            return None
+        except UnreadableFile as e:
+            raise UnreadableFile(self.config_file, f"{e}; or {fix}") from None
+        except OSError as e:  # unreadable: a permission, an I/O error
             raise UserError(
-                f"{self.config_file} is unreadable ({type(e).__name__}): remove the run folder "
-                f"{self.path} to start it again, or choose another --out"
+                f"{self.config_file} cannot be read ({e.strerror or e}): fix its permissions, or "
+                f"remove the run folder {self.path} to start it again"
             ) from None
-        return data if isinstance(data, dict) else {}
+        return loads_yaml(text, self.config_file, fix, mapping=True)
+
+    def check_records(self) -> None:
+        """Before submission: refuse the records a job reads back at its start when damaged
+        (``config.yaml``; ``metrics.jsonl`` not a regular file, or too large to be one)."""
+        self.recorded()
+        try:
+            with open_regular(self.metrics_log, LOG_LIMIT, "metrics log (metrics.jsonl)"):
+                pass
+        except FileNotFoundError:
+            pass
 
     def check(
         self,
@@ -179,21 +221,41 @@ class RunDir:
         if history:
             record["history"] = history
         with atomic_open(self.config_file, "w") as f:
-            yaml.safe_dump(record, f, sort_keys=False)
+            yaml.dump(record, f, Dumper=RecordDumper, sort_keys=False)
 
     def truncate_log(self, after_step: int) -> None:
         """On resume, drop log lines past the checkpoint's step: they will be logged again
-        (``after_step=0`` for a run that starts over)."""
-        if not self.is_main or not self.metrics_log.exists():
+        (``after_step=0`` for a run that starts over). A last line cut short by a kill is
+        dropped silently; other lines that are not records :meth:`log` writes (damaged, edited)
+        are dropped with one warning naming the file."""
+        if not self.is_main:
             return
-        kept = []
-        for line in self.metrics_log.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and record.get("step", 0) <= after_step:
-                kept.append(line)
+        kept, damaged = [], []
+        try:
+            with open_regular(self.metrics_log, LOG_LIMIT, "metrics log (metrics.jsonl)") as f:
+                for number, raw in enumerate(_lines(f, LOG_LINE_LIMIT), start=1):
+                    if raw is None:
+                        damaged.append((number, f"longer than {LOG_LINE_LIMIT:,} bytes"))
+                        continue
+                    try:
+                        line, step = _record(raw, self.metrics_log)
+                    except ValueError as e:
+                        if raw.endswith(b"\n"):  # not the last line, which a kill cuts short
+                            damaged.append((number, str(e)))
+                        continue
+                    if step <= after_step:
+                        kept.append(line)
+        except FileNotFoundError:
+            return
+        if damaged:
+            number, problem = damaged[0]
+            print(
+                f"warning: {self.metrics_log}: {len(damaged)} damaged line(s) dropped (line "
+                f"{number}: {problem}); the steps they held before step {after_step} are missing "
+                "from the local log",
+                file=sys.stderr,
+                flush=True,
+            )
         with atomic_open(self.metrics_log, "w") as f:
             f.write("".join(line + "\n" for line in kept))
 
@@ -203,6 +265,32 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_log, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _lines(f: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of ``f`` with their newline (the last may lack one); None for a line longer
+    than ``limit`` bytes, which is skipped without being held in memory."""
+    while raw := f.readline(limit + 2):  # a line of ``limit`` bytes and its newline fit
+        if len(raw.removesuffix(b"\n")) <= limit:
+            yield raw
+            continue
+        while not raw.endswith(b"\n") and (raw := f.readline(limit + 1)):
+            pass
+        yield None
+
+
+def _record(raw: bytes, where: Path) -> tuple[str, float]:
+    """A log line as :meth:`RunDir.log` writes it (a JSON object with a numeric ``step``):
+    the line without its newline, and its step. Raises ``ValueError`` saying why it is not."""
+    try:
+        line = raw.removesuffix(b"\n").decode("utf-8")
+        record = loads_json(line, where)
+    except (UnicodeDecodeError, UnreadableFile):
+        raise ValueError("not a JSON record") from None
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int | float):
+        raise ValueError("no step number")
+    return line, step
 
 
 def open_run(

@@ -32,7 +32,9 @@ def test_unknown_key_lists_valid_ones(tmp_path):
 def test_wrong_type_and_choice(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data: d\nepochs: many\n")
-    with pytest.raises(UserError, match="c.yaml: epochs must be a whole number, got .many.: fix that key"):
+    with pytest.raises(
+        UserError, match="c.yaml: epochs must be a whole number, got .many.: fix that key"
+    ):
         parse("pretrain", "--config", str(f))
     f.write_text("data: d\noptimizer: sgd\n")
     with pytest.raises(UserError, match="optimizer must be one of adam, lars"):

@@ -60,10 +60,10 @@ def _add_pack(sub) -> None:
     )
     p.add_argument(
         "--resize",
-        default="squash",
         choices=["squash", "pad"],
-        help="squash: every image to SIZE x SIZE (the paper); pad: pad to a square first, keeping "
-        "the aspect ratio (the padding is recorded per sample)",
+        help="public datasets, brats, decathlon: squash (default): every image to SIZE x SIZE "
+        "(the paper); pad: pad to a square first, keeping the aspect ratio (the padding is "
+        "recorded per sample)",
     )
     p.add_argument(
         "--root",
@@ -82,16 +82,14 @@ def _add_pack(sub) -> None:
     )
     p.add_argument(
         "--slices",
-        default="lesion",
-        help="brats, decathlon: which axial slices: lesion (those holding the target), lesion:F "
-        "(plus a fraction F of the others), all (every non-empty slice) or N (per subject, "
-        "evenly spaced over those holding the target)",
+        help="brats, decathlon: which axial slices: lesion (default: those holding the target), "
+        "lesion:F (plus a fraction F of the others), all (every non-empty slice) or N (per "
+        "subject, evenly spaced over those holding the target)",
     )
     p.add_argument(
         "--clip",
-        default="0.5,99.5",
         help="brats, decathlon: per-volume intensity percentiles LO,HI (of the non-zero voxels) "
-        "clipped to before scaling to 0-255",
+        "clipped to before scaling to 0-255 (default: 0.5,99.5)",
     )
     p.add_argument(
         "--out",
@@ -99,13 +97,13 @@ def _add_pack(sub) -> None:
         help="output folder (default: shards/<source>; shards/synthetic-lesion for --task lesion)",
     )
     p.add_argument(
-        "--num-images", type=int, default=200, help="--source synthetic: how many images"
+        "--num-images", type=int, help="--source synthetic: how many images (default: 200)"
     )
     p.add_argument(
         "--group-size",
         type=int,
-        default=1,
-        help="--source synthetic: images per group (a slide; with --task lesion, a patient)",
+        help="--source synthetic: images per group (a slide; with --task lesion, a patient; "
+        "default: 1)",
     )
     p.add_argument(
         "--task",
@@ -130,9 +128,7 @@ def _add_pack(sub) -> None:
         action="store_true",
         help="--source folder: allow images without masks (they go to train, unlabelled)",
     )
-    p.add_argument(
-        "--mask-suffix", default="", help="--source folder: mask stem = image stem + SUFFIX"
-    )
+    p.add_argument("--mask-suffix", help="--source folder: mask stem = image stem + SUFFIX")
     p.add_argument(
         "--group-regex",
         help="--source folder: the first capture group of this regex on the "
@@ -203,7 +199,14 @@ def _run_pack(args) -> int:
         slices=args.slices,
         clip=args.clip,
     )
-    m = pack(source, cfg)
+
+    def log(line: str) -> None:  # progress on stdout, warnings on stderr as the command's own
+        if line.startswith("warning: "):
+            print(f"hpc-btunet pack: {line}", file=sys.stderr)
+        else:
+            print(line)
+
+    m = pack(source, cfg, log=log)
     c = m.counts
     size = sum(s.bytes for s in m.shards)
     print(

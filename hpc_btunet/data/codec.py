@@ -8,12 +8,18 @@ reader that a sample's members are complete. ``EXT`` is ``png`` (lossless, the d
 viewed; readers return them as {0, 1}. A sample's checksum is the CRC-32 of its member payloads
 in that order (``payload_crc``): ``pack`` records it in the manifest, the loader checks it on
 every read.
+
+A payload's header is read before it is decoded (``payload_shape``: a PNG's IHDR chunk, a
+``.npy`` header), so that a reader that knows the shape to expect (the manifest's) refuses a
+payload of any other shape without allocating for it: a small PNG of zeros may claim billions of
+pixels.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -38,19 +44,83 @@ def encode_array(array: np.ndarray, encoding: str) -> bytes:
     return buf.getvalue()
 
 
-def decode_array(data: bytes | memoryview, encoding: str) -> np.ndarray:
-    """Decode to a uint8 array (HxW or HxWxC; npy: a read-only view of ``data``). Raises
-    ``ValueError``, ``RuntimeError`` or ``OSError`` on data that does not decode (a flipped bit may decode:
-    the loader's checksum catches those)."""
+class ShapeMismatch(ValueError):
+    """A payload whose header gives another shape or type than the one expected; ``found`` is
+    the header's (shape, dtype), nothing was decoded."""
+
+    def __init__(self, found: tuple[tuple[int, ...], np.dtype], expected: tuple[int, ...]) -> None:
+        shape, dtype = found
+        super().__init__(
+            f"its header says {' x '.join(map(str, shape))} {dtype}, expected "
+            f"{' x '.join(map(str, expected))} uint8"
+        )
+        self.found, self.expected = found, expected
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> decoded channels
+_PNG_DEPTHS = {8: np.dtype(np.uint8), 16: np.dtype(np.uint16)}
+
+
+def png_shape(data: bytes | memoryview) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) a PNG decodes to, from its IHDR chunk alone (26 bytes): (H, W) for one
+    channel, (H, W, C) otherwise. Raises ``ValueError`` for a payload that is no PNG."""
+    head = bytes(memoryview(data)[:26])
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise ValueError("not a PNG (no PNG signature and IHDR chunk)")
+    width, height = struct.unpack(">II", head[16:24])
+    depth, colour = head[24], head[25]
+    if colour not in _PNG_CHANNELS:
+        raise ValueError(f"a PNG of unknown colour type {colour}")
+    channels = _PNG_CHANNELS[colour]
+    if depth in _PNG_DEPTHS:
+        dtype = _PNG_DEPTHS[depth]
+    elif depth in (1, 2, 4) and colour in (0, 3):  # expanded to 8 bits by the decoders
+        dtype = np.dtype(np.uint8)
+    else:
+        raise ValueError(f"a PNG of bit depth {depth} and colour type {colour}")
+    return ((height, width) if channels == 1 else (height, width, channels)), dtype
+
+
+def payload_shape(data: bytes | memoryview, encoding: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a payload from its header, without decoding it."""
+    if encoding == "png":
+        return png_shape(data)
+    shape, fortran, dtype, _ = _npy_header(memoryview(data))
+    return shape, dtype
+
+
+def check_shape(data: bytes | memoryview, encoding: str, expected: tuple[int, ...]) -> None:
+    """Raise :class:`ShapeMismatch` unless the payload's header promises uint8 of ``expected``
+    (H x W, or H x W x C): a few bytes read, nothing decoded."""
+    shape, dtype = payload_shape(data, encoding)
+    if tuple(shape) != tuple(expected) or dtype != np.uint8:
+        raise ShapeMismatch((tuple(shape), dtype), tuple(expected))
+
+
+def decode_array(
+    data: bytes | memoryview, encoding: str, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Decode to a uint8 array (HxW or HxWxC; npy: a read-only view of ``data``). With
+    ``shape``, the header is compared with it first (:func:`check_shape`), so a payload that
+    claims another size is refused before anything is allocated. Raises ``ValueError``
+    (:class:`ShapeMismatch` for the shape), ``RuntimeError`` or ``OSError`` on data that does
+    not decode (a flipped bit may decode: the loader's checksum catches those)."""
     if encoding != "png":
-        array = decode_npy(data)
-    elif bytes(data[25:26]) == _PNG_GREY_ALPHA:  # 2 channels: libspng does not decode them
-        array = np.asarray(Image.open(io.BytesIO(data)))
-    else:  # libspng: faster than Pillow (bench/loader.py)
-        array = pyspng.load(bytes(data))
+        array = decode_npy(data, shape)
+    else:
+        if shape is not None:  # the IHDR chunk first: 26 bytes, before libspng allocates
+            check_shape(data, encoding, shape)
+        array = _decode_png(data)
     if array.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, found {array.dtype}")
     return array
+
+
+def _decode_png(data: bytes | memoryview) -> np.ndarray:
+    if bytes(data[25:26]) == _PNG_GREY_ALPHA:  # 2 channels: libspng does not decode them
+        return np.asarray(Image.open(io.BytesIO(data)))
+    return pyspng.load(bytes(data))  # libspng: faster than Pillow (bench/loader.py)
 
 
 def sample_members(
@@ -172,14 +242,19 @@ def _pax_path(payload: memoryview) -> str | None:
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
 
 
-def decode_npy(data: bytes | memoryview) -> np.ndarray:
-    """A ``.npy`` payload as an array (a view of ``data``, no copy). The header is parsed once
-    per distinct header (the samples of a dataset share one), so decoding is a slice."""
-    view = memoryview(data)
-    if view[:6].tobytes() != b"\x93NUMPY" or view[6] not in (1, 2):
-        return np.lib.format.read_array(io.BytesIO(bytes(view)), allow_pickle=False)
+_NPY_MAX_HEADER = 1 << 16  # numpy writes headers of a few hundred bytes
+
+
+def _npy_header(view: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, header length) of a ``.npy`` payload, parsed once per
+    distinct header (the samples of a dataset share one). Raises ``ValueError``."""
+    if view[:6].tobytes() != b"\x93NUMPY" or len(view) < 10 or view[6] not in (1, 2):
+        raise ValueError("not an npy payload (no \\x93NUMPY header)")
     width = 2 if view[6] == 1 else 4
-    header = view[: 8 + width + int.from_bytes(view[8 : 8 + width], "little")].tobytes()
+    length = 8 + width + int.from_bytes(view[8 : 8 + width], "little")
+    if length > min(len(view), _NPY_MAX_HEADER):
+        raise ValueError(f"an npy header of {length} bytes in a payload of {len(view)}")
+    header = view[:length].tobytes()
     known = _NPY_HEADERS.get(header)
     if known is None:
         fp = io.BytesIO(header)
@@ -190,10 +265,20 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         if dtype.hasobject:
             raise ValueError("npy payload holds Python objects")
-        known = (shape, fortran, dtype, len(header))
+        known = (tuple(shape), fortran, dtype, len(header))
         if len(_NPY_HEADERS) < 64:
             _NPY_HEADERS[header] = known
-    shape, fortran, dtype, skip = known
+    return known
+
+
+def decode_npy(data: bytes | memoryview, expected: tuple[int, ...] | None = None) -> np.ndarray:
+    """A ``.npy`` payload as an array (a view of ``data``, no copy): the header parsed
+    (:func:`_npy_header`, cached) and, with ``expected``, compared with it (uint8 of that shape,
+    else :class:`ShapeMismatch`), then a slice."""
+    view = memoryview(data)
+    shape, fortran, dtype, skip = _npy_header(view)
+    if expected is not None and (shape != tuple(expected) or dtype != np.uint8):
+        raise ShapeMismatch((shape, dtype), tuple(expected))
     count = int(np.prod(shape, dtype=np.int64))
     if len(view) - skip != count * dtype.itemsize:
         raise ValueError(

@@ -2,7 +2,8 @@
 
 Every problem a user can cause in such a folder becomes one line of one ``DataError``, never a
 traceback: that includes symbolic links that loop or point nowhere (an image-named link in
-``images/`` or ``masks/``, or either folder itself) and files or folders that cannot be read.
+``images/`` or ``masks/``, or either folder itself), files or folders that cannot be read, and
+named pipes, sockets or devices under an image's name (named when listed, never opened).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hpc_btunet.data.imageio import (
     read_mask,
     resize_image,
     resize_mask,
+    special_file,
     to_channels,
     to_uint8,
 )
@@ -55,6 +57,8 @@ _FIXES = {
     " or pass --unlabelled to pack images without masks{orphan_note}",
     "name does not match group_regex": "rename the files or change --group-regex '{group_regex}'"
     " so that it matches every image stem (its first group names the patient or slide)",
+    "not a regular file": "replace it with the image file it stands for, or remove it (a named"
+    " pipe, socket or device is never opened: reading one would block or never end)",
     "inaccessible file": "fix or remove the link when it loops or points nowhere, give read"
     " permission to a file that lacks it (chmod a+r), or remove the file",
     "unreadable image": "re-export or remove the file",
@@ -230,6 +234,10 @@ class FolderSource:
         images, ignored = listed or ([], [])
         masks, ignored_masks = listed_masks or ([], [])
         ignored += ignored_masks
+        for path in images + masks:  # named here, before any of them is opened
+            what = special_file(path)
+            if what is not None:
+                problems.add("not a regular file", f"{problems.rel(path)}: {what}")
         if listed is not None and not images:
             found = f"; ignored {', '.join(p.name for p in ignored[:5])}" if ignored else ""
             problems.add("no images", f"images/ holds no image files{found}")
@@ -394,9 +402,10 @@ def _list_images(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _may_be_file(item: os.DirEntry) -> bool:
-    """A file, or a link whose target cannot be reached (looping or broken); not a folder."""
+    """Anything but a folder: a file, a link whose target cannot be reached (looping or broken),
+    or a named pipe, socket or device (named by ``entries`` as not a regular file)."""
     try:
-        return item.is_file() or (item.is_symlink() and not os.path.exists(item.path))
+        return not item.is_dir()
     except OSError:  # ELOOP from following the link, or no permission to look
         return True
 
@@ -424,8 +433,8 @@ def _header_is_colour(path: Path) -> bool:
 def _read_size(path: Path, unreadable: str) -> _Read:
     """Open ``path`` (problem kind "inaccessible file"), then decode it completely (problem kind
     ``unreadable``), so that a link or permission problem is not reported as a bad image."""
-    try:
-        with open(path, "rb"):
+    try:  # O_NONBLOCK: a named pipe swapped in after the listing opens at once (and is refused)
+        with open(path, "rb", opener=_nonblocking):
             pass
     except OSError as exc:
         return _Read(None, "inaccessible file", _os_reason(path, exc))
@@ -433,6 +442,10 @@ def _read_size(path: Path, unreadable: str) -> _Read:
         return _Read(read_image(path).shape[:2])
     except ImageReadError as exc:
         return _Read(None, unreadable, exc.reason)
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def _check_files(f: _Files) -> tuple[_Read, _Read | None]:

@@ -3,18 +3,39 @@
 Images are decoded completely (a truncated file fails here, not in the middle of training) and
 returned as stored; the conversions to what a shard holds (uint8, 1 or 3 channels, square size) are
 separate functions so that a source can apply them in one place.
+
+A dataset's files are untrusted input: a file is opened only when it is a regular file (a named
+pipe would block the reader for good), and its header (Pillow's ``Image.open``, tifffile's series)
+is compared with :data:`MAX_IMAGE_PIXELS` and :data:`MAX_IMAGE_BYTES` before anything is decoded,
+so that a small compressed file claiming billions of pixels costs nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
+import threading
+import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import tifffile
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from hpc_btunet.errors import DataError
+from hpc_btunet.readers import UnreadableFile, kind_of, open_regular
+
+MAX_IMAGE_PIXELS = 1 << 28  # 268,435,456 (e.g. 16384 x 16384): the most a dataset image may have
+MAX_IMAGE_BYTES = 1 << 30  # what its decoded pixels may take (all channels, as stored)
+# Pillow's own decompression-bomb check warns above its limit and refuses above twice that: set
+# to ours, it neither warns about an image accepted here nor lets a larger one decode; the check
+# of the header below holds even where some other code has switched Pillow's off (None).
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_PILLOW_OPEN = threading.Lock()  # warnings.catch_warnings is process-wide: one opener at a time
+_LIMIT_FIX = "downscale or tile it before packing, or remove it"
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -33,6 +54,17 @@ class ImageReadError(DataError):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (links
+    followed), in words ("a named pipe (FIFO)"); None otherwise (a broken link is named when it
+    is read). Never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else kind_of(mode)
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -56,9 +88,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             " unset it before reading a dataset"
         )
     try:
-        array = _read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_pillow(path)
+        with open_regular(path, what="image file") as f:
+            tiff = path.suffix.lower() in TIFF_SUFFIXES
+            array = _read_tiff(f, path) if tiff else _read_pillow(f, path)
     except ImageReadError:
         raise
+    except UnreadableFile as e:  # a named pipe, socket, device or folder under an image's name
+        raise ImageReadError(path, str(e).removeprefix(f"{path} ")) from None
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except UnidentifiedImageError:
@@ -74,8 +110,49 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return array
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+def _check_size(path: Path, hw: tuple[int, int], values: int, itemsize: int) -> None:
+    """Refuse an image whose header claims more than the limits, before it is decoded:
+    ``values`` per pixel (channels), each of ``itemsize`` bytes."""
+    h, w = hw
+    pixels, size = h * w, h * w * values * itemsize
+    if pixels > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            path,
+            f"its header claims {w} x {h} = {pixels:,} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+            f"(MAX_IMAGE_PIXELS) a dataset image may have; nothing was decoded: {_LIMIT_FIX}",
+        )
+    if size > MAX_IMAGE_BYTES:
+        raise ImageReadError(
+            path,
+            f"its header claims {w} x {h} pixels of {values} value(s) of "
+            f"{itemsize} byte(s), {size:,} bytes decoded, more than the {MAX_IMAGE_BYTES:,} "
+            f"(MAX_IMAGE_BYTES) a dataset image may take; nothing was decoded: {_LIMIT_FIX}",
+        )
+
+
+_MODE_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def _open_pillow(f: IO[bytes], path: Path) -> Image.Image:
+    """``Image.open`` (the header only), Pillow's bomb warning turned into our refusal."""
+    try:
+        with _PILLOW_OPEN, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(f)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        claimed = re.search(r"\((\d+) pixels\)", str(e))  # Pillow: "Image size (N pixels) ..."
+        what = f"{int(claimed.group(1)):,} pixels, " if claimed else ""
+        raise ImageReadError(
+            path,
+            f"its header claims {what}more than the {MAX_IMAGE_PIXELS:,} (MAX_IMAGE_PIXELS) a "
+            f"dataset image may have; nothing was decoded: {_LIMIT_FIX}",
+        ) from None
+
+
+def _read_pillow(f: IO[bytes], path: Path) -> np.ndarray:
+    with _open_pillow(f, path) as im:
+        bands = len(im.getbands())
+        _check_size(path, im.size[::-1], bands, _MODE_BYTES.get(im.mode, 1))
         im.load()
         if im.mode in ("P", "PA"):
             has_alpha = im.mode == "PA" or "transparency" in im.info
@@ -88,11 +165,18 @@ def _read_pillow(path: Path) -> np.ndarray:
         return np.array(im)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
+def _read_tiff(f: IO[bytes], path: Path) -> np.ndarray:
+    with tifffile.TiffFile(f, name=path.name) as tif:
         series = tif.series[0]
+        axes, shape = series.axes, tuple(series.shape)
+        dims = dict(zip(axes, shape, strict=True))
+        if any(ax not in "YXS" and n > 1 for ax, n in dims.items()):
+            raise ImageReadError(path, f"holds a stack of images (axes {axes}, shape {shape})")
+        if 0 in shape:
+            raise ImageReadError(path, f"shape {shape} has an axis of length 0")
+        hw = (dims.get("Y", 1), dims.get("X", 1))
+        _check_size(path, hw, int(np.prod(shape)) // (hw[0] * hw[1]), series.dtype.itemsize)
         array = series.asarray()
-        axes = series.axes
     if "S" in axes:
         array = np.moveaxis(array, axes.index("S"), -1)
         axes = axes.replace("S", "") + "S"
@@ -125,14 +209,17 @@ def is_colour(image: str | os.PathLike | np.ndarray) -> bool:
         return image.ndim == 3 and image.shape[2] >= 3
     path = Path(image)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                return "S" in series.axes and series.shape[series.axes.index("S")] >= 3
-        with Image.open(path) as im:
-            if im.mode in ("P", "PA"):
-                return not _palette_is_gray(im)
-            return im.mode in _COLOUR_MODES
+        with open_regular(path, what="image file") as f:
+            if path.suffix.lower() in TIFF_SUFFIXES:
+                with tifffile.TiffFile(f, name=path.name) as tif:
+                    series = tif.series[0]
+                    return "S" in series.axes and series.shape[series.axes.index("S")] >= 3
+            with _open_pillow(f, path) as im:
+                if im.mode in ("P", "PA"):
+                    return not _palette_is_gray(im)
+                return im.mode in _COLOUR_MODES
+    except ImageReadError:
+        raise
     except Exception as exc:
         raise ImageReadError(path, _reason(exc)) from exc
 

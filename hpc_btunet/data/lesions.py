@@ -50,6 +50,7 @@ import numpy as np
 from scipy import ndimage
 
 from hpc_btunet.data.sample import Entry, Sample
+from hpc_btunet.data.synthetic import check_counts
 from hpc_btunet.errors import UserError
 
 REFERENCE_SIZE = 256  # lengths are pixels of an image this size
@@ -396,9 +397,7 @@ class LesionSource:
 
     def __init__(self, num_images: int, seed: int = 0, group_size: int = 1,
                  abnormal_fraction: float = 0.5) -> None:  # fmt: skip
-        for name, value in (("num_images", num_images), ("group_size", group_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"synthetic {name} must be an integer >= 1, got {value!r}")
+        check_counts(num_images, group_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UserError(f"synthetic seed must be a non-negative integer, got {seed!r}")
         if (

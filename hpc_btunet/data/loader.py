@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import operator
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,14 +51,22 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpc_btunet.data.codec import (
+    ShapeMismatch,
     TarFormatError,
     decode_array,
     iter_members,
     payload_crc,
     split_member_name,
 )
-from hpc_btunet.data.manifest import Manifest, ShardInfo, load_manifest, verify_shards
+from hpc_btunet.data.manifest import (
+    Manifest,
+    ShardInfo,
+    check_shard_files,
+    load_manifest,
+    verify_shards,
+)
 from hpc_btunet.errors import ShardError, UserError
+from hpc_btunet.readers import kind_of
 
 _OPEN_SHARDS = 8  # files a worker keeps open across batches
 
@@ -242,22 +251,8 @@ class ShardStream(IterableDataset):
     def _check_files(self, verify: bool) -> None:
         if verify:
             verify_shards(self.root, self.shards)
-            return
-        problems = []
-        for s in self.shards:  # cheap checks always: a missing or truncated shard fails here
-            p = self.root / s.name
-            if not p.is_file():
-                problems.append(f"{p}: missing")
-            elif p.stat().st_size != s.bytes:
-                problems.append(
-                    f"{p}: {p.stat().st_size} bytes, manifest says {s.bytes} (truncated?)"
-                )
-        if problems:
-            raise ShardError(
-                "shard(s) do not match the manifest:\n  "
-                + "\n  ".join(problems)
-                + "\nrepack the dataset or copy the shards again (`hpc-btunet verify` checks them)"
-            )
+        else:  # cheap checks always: a missing or truncated shard fails here
+            check_shard_files(self.root, self.shards)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate over epoch ``epoch`` from this rank's batch ``start`` on: a job resumed
@@ -372,7 +367,7 @@ class ShardStream(IterableDataset):
         of shards must not exhaust the process's file limit)."""
         f = handles.pop(shard, None)
         if f is None:
-            f = open(self.root / self.shards[shard].name, "rb")  # noqa: SIM115
+            f = open_shard(self.root / self.shards[shard].name)
             if len(handles) >= _OPEN_SHARDS:
                 handles.pop(next(iter(handles))).close()
         handles[shard] = f  # dicts keep insertion order: the first is the least recently used
@@ -447,9 +442,20 @@ class ShardStream(IterableDataset):
             for n, slot in (("mask", mask_slot), ("organ", organ_slot))
             if slot is not None
         ]
-        try:
-            image = decode_array(members[f"image.{enc}"], enc)
-            decoded = [(decode_array(members[f"{n}.{enc}"], enc), slot) for n, slot in binaries]
+        c, h, w = image_slot.shape
+        name = "image"
+        try:  # each header is compared with the manifest's shape before anything is decoded
+            image = decode_array(members[f"image.{enc}"], enc, (h, w) if c == 1 else (h, w, c))
+            decoded = []
+            for name, slot in binaries:
+                decoded.append((decode_array(members[f"{name}.{enc}"], enc, (h, w)), slot))
+        except ShapeMismatch as e:
+            raise ShardError(
+                f"shard {self.root / shard.name}: sample {key!r}: its {name} header says "
+                f"{' x '.join(map(str, e.found[0]))} {e.found[1]}, the manifest says {h} x {w} "
+                f"pixels, {c} channel(s), uint8 (nothing was decoded): the shard does not belong "
+                "to this manifest; repack the dataset"
+            ) from None
         except (ValueError, RuntimeError, OSError, SyntaxError) as e:
             raise ShardError(
                 f"shard {self.root / shard.name}: sample {key!r} does not decode ({e}): the shard "
@@ -457,7 +463,7 @@ class ShardStream(IterableDataset):
             ) from e
         image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
         wrong = [a.shape for a, slot in [(image, image_slot), *decoded] if a.shape != slot.shape]
-        if wrong:
+        if wrong:  # a decoder that disagrees with its own header
             raise ShardError(
                 f"shard {self.root / shard.name}: sample {key!r} has shape {tuple(wrong[0])}, "
                 f"the manifest says {tuple(image_slot.shape)}; repack the dataset"
@@ -465,6 +471,34 @@ class ShardStream(IterableDataset):
         image_slot[...] = image
         for binary, slot in decoded:
             np.greater(binary, 0, out=slot)
+
+
+def open_shard(path: Path) -> BinaryIO:
+    """``path`` opened for reading, as a ``ShardError`` naming it when it is gone (deleted or
+    moved while a job reads it) or is no longer a regular file; the open cannot block (a named
+    pipe put in its place opens at once and is refused)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ShardError(
+            f"shard {path} is missing: it was deleted or moved after the job started; restore it "
+            "(copy the shard again) or repack the dataset, then rerun to resume"
+        ) from None
+    except OSError as e:
+        raise ShardError(
+            f"shard {path} cannot be opened ({e.strerror}): restore it (copy the shard again, "
+            "fix its permissions) or repack the dataset"
+        ) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ShardError(
+            f"shard {path} is {kind_of(st.st_mode)}, not a regular file: restore the shard "
+            "(copy it again) or repack the dataset"
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _batch_bytes(

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from hpc_btunet.data.codec import ENCODINGS
 from hpc_btunet.errors import ShardError, UserError
+from hpc_btunet.readers import MB, UnreadableFile, kind_of, loads_json, read_bytes
 
 SCHEMA_PREFIX = "hpc_btunet.manifest/"
 SCHEMA_VERSION = 2
@@ -37,6 +40,12 @@ MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".pack-journal.json"
 SPLITS = ("train", "test")
 SHARD_PATTERN = re.compile(r"^(train|test)-\d{6}\.tar$")
+# What a manifest may claim, checked before its numbers size a model, a buffer or a plan.
+MAX_IMAGE_SIZE = 4096  # pixels per side (a batch of 4096 x 4096 images is already 16 MiB each)
+MAX_SAMPLES = 1 << 22  # samples of one dataset (4,194,304)
+MAX_SHARDS = 1 << 20
+MAX_FOLDS = 100
+MAX_MANIFEST_BYTES = 1024 * MB  # about 150 bytes per sample: MAX_SAMPLES fit with room
 _REPACK = "repack the dataset with this version of hpc_btunet (`hpc-btunet pack ... --overwrite`)"
 
 
@@ -139,6 +148,16 @@ class Manifest:
         return cls(**fields, has_organ=d.get("organ", False))
 
 
+def shard_info(d: object) -> ShardInfo:
+    """A shard entry (as the manifest and the pack journal store it) checked field by field;
+    ``ValueError`` naming what is wrong."""
+    try:
+        _check_fields(d, _SHARD_FIELDS, "the shard entry")
+    except _Invalid as e:
+        raise ValueError(str(e)) from None
+    return ShardInfo(**d)  # type: ignore[arg-type]
+
+
 def manifest_checksum(content: dict) -> str:
     """The sha256 of ``content`` without its ``checksum`` field, in canonical JSON (sorted keys,
     compact separators): what ``manifest.json`` stores as ``checksum``."""
@@ -155,8 +174,8 @@ def load_manifest(root: str | Path) -> Manifest:
     """
     root = Path(root)
     path = root / MANIFEST_NAME
-    if not path.is_file():
-        if (root / JOURNAL_NAME).is_file():
+    if not os.path.lexists(path):
+        if os.path.lexists(root / JOURNAL_NAME):
             raise UserError(
                 f"the dataset at {root} is incomplete (a pack was interrupted): rerun the same "
                 "`pack` command to complete it"
@@ -165,12 +184,22 @@ def load_manifest(root: str | Path) -> Manifest:
             f"no packed dataset at {root} ({MANIFEST_NAME} not found): pack one with "
             f"`hpc-btunet pack --out {root}` or pass --data pointing at a packed dataset"
         )
-    try:
-        content = json.loads(path.read_bytes())
+    try:  # a regular file of bounded size: a named pipe or device is refused, never read
+        raw = read_bytes(path, MAX_MANIFEST_BYTES, "manifest")
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} is a symbolic link that points nowhere: point it at the dataset's "
+            f"{MANIFEST_NAME} or copy the file again"
+        ) from None
+    except UnreadableFile:
+        raise
     except OSError as e:
         raise UserError(f"{path} cannot be read ({e.strerror}): make it readable") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
-        raise UserError(f"{path} is not a valid manifest (not JSON: {e}): {_REPACK}") from e
+    try:  # strict JSON: a key given twice would pass the checksum with the last value winning
+        content = loads_json(raw, path, _REPACK)
+    except UnreadableFile as e:
+        why = str(e).removeprefix(f"{path} ").removesuffix(f": {_REPACK}")
+        raise UserError(f"{path} is not a valid manifest (it {why}): {_REPACK}") from None
     return Manifest.from_json(content, str(path))
 
 
@@ -182,22 +211,45 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def shard_file_problem(path: Path, shard: ShardInfo) -> str | None:
+    """Why the file ``path`` cannot be the shard the manifest describes (missing, not a regular
+    file, another size), from its ``stat`` alone; None when it may be."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: {kind_of(st.st_mode)}, not a regular file"
+    if st.st_size != shard.bytes:
+        return f"{path}: {st.st_size} bytes, manifest says {shard.bytes} (truncated or replaced)"
+    return None
+
+
+def check_shard_files(root: str | Path, shards: list[ShardInfo]) -> None:
+    """Every shard exists as a regular file of the size the manifest gives (a truncated copy, or
+    a named pipe in a shard's place, fails here); one error lists every bad shard."""
+    problems = [p for s in shards if (p := shard_file_problem(Path(root) / s.name, s))]
+    if problems:
+        raise ShardError(
+            "shard(s) do not match the manifest:\n  "
+            + "\n  ".join(problems)
+            + "\nrepack the dataset or copy the shards again (`hpc-btunet verify` checks them)"
+        )
+
+
 def verify_shards(root: str | Path, shards: list[ShardInfo]) -> None:
     """Check each shard's size and sha256 against the manifest; one error lists every bad shard."""
     root = Path(root)
     problems = []
     for s in shards:
         path = root / s.name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != s.bytes:
-            problems.append(
-                f"{path}: {size} bytes, manifest says {s.bytes} (truncated or replaced)"
-            )
-        elif sha256_file(path) != s.sha256:
-            problems.append(f"{path}: sha256 differs from the manifest (corrupt)")
+        problem = shard_file_problem(path, s)
+        if problem is None and sha256_file(path) != s.sha256:
+            problem = f"{path}: sha256 differs from the manifest (corrupt)"
+        if problem is not None:
+            problems.append(problem)
     if problems:
         raise ShardError(
             f"{len(problems)} shard(s) failed verification:\n  "
@@ -247,7 +299,10 @@ _FIELDS: _Spec = {
     "schema": (lambda v: v == SCHEMA, SCHEMA),
     "package_version": (lambda v: isinstance(v, str), "a string"),
     "source": (lambda v: isinstance(v, dict), "an object"),
-    "image_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "image_size": (
+        lambda v: _is_int(v, 1, MAX_IMAGE_SIZE),
+        f"a positive integer of at most {MAX_IMAGE_SIZE} (MAX_IMAGE_SIZE)",
+    ),
     "channels": (lambda v: _is_int(v) and v in (1, 2, 3, 4), "1 to 4"),
     "encoding": (lambda v: v in ENCODINGS, " or ".join(ENCODINGS)),
     "seed": (_is_int, "an integer"),
@@ -258,15 +313,18 @@ _FIELDS: _Spec = {
     ),
     "labelled": (_is_keys, "a list of sample keys"),
     "folds": (
-        lambda v: isinstance(v, list) and all(map(_is_keys, v)),
-        "a list of lists of sample keys",
+        lambda v: isinstance(v, list) and len(v) <= MAX_FOLDS and all(map(_is_keys, v)),
+        f"a list of lists of sample keys (at most {MAX_FOLDS}: MAX_FOLDS)",
     ),
     "groups": (
         lambda v: isinstance(v, dict) and all(isinstance(g, str) for g in v.values()),
         "an object mapping sample keys to group names",
     ),
     "unlabelled": (_is_keys, "a list of sample keys"),
-    "shards": (lambda v: isinstance(v, list), "a list of shard objects"),
+    "shards": (
+        lambda v: isinstance(v, list) and len(v) <= MAX_SHARDS,
+        f"a list of shard objects (at most {MAX_SHARDS:,}: MAX_SHARDS)",
+    ),
     "counts": (lambda v: isinstance(v, dict), "an object"),
     "checksum": (_is_sha256, "a sha256 in hex"),
 }
@@ -283,7 +341,10 @@ _SHARD_FIELDS: _Spec = {
         "a shard file name such as train-000000.tar",
     ),
     "split": (lambda v: v in SPLITS, " or ".join(SPLITS)),
-    "count": (lambda v: _is_int(v, 1), "a positive integer"),
+    "count": (
+        lambda v: _is_int(v, 1, MAX_SAMPLES),
+        f"a positive integer of at most {MAX_SAMPLES:,} (MAX_SAMPLES)",
+    ),
     "bytes": (lambda v: _is_int(v, 0), "a byte count"),
     "sha256": (_is_sha256, "a sha256 in hex"),
     "keys": (_is_keys, "a list of sample keys"),
@@ -326,6 +387,9 @@ def _brief(value: object, limit: int = 60) -> str:
 
 def _check_consistency(d: dict) -> None:
     """The relations ``pack`` guarantees between the fields (their types are already checked)."""
+    total = sum(len(v) for v in d["splits"].values())
+    if total > MAX_SAMPLES:
+        raise _Invalid(f"it lists {total:,} samples, more than {MAX_SAMPLES:,} (MAX_SAMPLES)")
     _check_shards(d["shards"])
     _check_key_sets(d)
     counts = _counts(d["splits"], d["labelled"], d["unlabelled"], d["folds"])

@@ -34,21 +34,27 @@ from hpc_btunet.data.codec import ENCODINGS, add_member, payload_crc, sample_mem
 from hpc_btunet.data.manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
+    MAX_IMAGE_SIZE,
     SHARD_PATTERN,
     Manifest,
     ShardInfo,
     sha256_file,
+    shard_info,
 )
 from hpc_btunet.data.sample import Entry, Source
 from hpc_btunet.data.splits import SplitConfig, Splits, make_splits
 from hpc_btunet.errors import DataError, UserError
 from hpc_btunet.folder_lock import LOCK_NAME, FolderLock, check_unlocked
+from hpc_btunet.readers import MB, read_json
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 SCRATCH_NAME = (
     ".pack-scratch"  # a source's spill (decoded volumes) while packing; removed at the end
 )
 MIN_IMAGE_SIZE = 16
+MAX_SHARD_SIZE = 100_000  # samples per shard
+MAX_WORKERS = 256  # threads reading and encoding
+MAX_JOURNAL_BYTES = 1024 * MB
 
 
 @dataclass(frozen=True)
@@ -66,14 +72,26 @@ class PackConfig:
             raise UserError(
                 f"--image-size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}"
             )
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise UserError(
+                f"--image-size must be at most {MAX_IMAGE_SIZE} (MAX_IMAGE_SIZE), got "
+                f"{self.image_size}"
+            )
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.shard_size > MAX_SHARD_SIZE:
+            raise UserError(
+                f"--shard-size must be at most {MAX_SHARD_SIZE:,} (MAX_SHARD_SIZE) samples, got "
+                f"{self.shard_size:,}"
+            )
         if self.encoding not in ENCODINGS:
             raise UserError(
                 f"--encoding {self.encoding!r} is unknown: choose {' or '.join(ENCODINGS)}"
             )
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise UserError(
+                f"--workers must be from 1 to {MAX_WORKERS} (MAX_WORKERS), got {self.workers}"
+            )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -150,9 +168,9 @@ def _load_journal(
     """Shards recorded as complete by an interrupted pack of the same inputs, still intact, as
     the manifest will describe them, and whether each holds an organ mask for every sample. A
     journal that cannot be read counts as none."""
-    try:
-        journal = json.loads((out / JOURNAL_NAME).read_bytes())
-    except (OSError, ValueError):
+    try:  # strict JSON from a regular file: anything else counts as no journal
+        journal = read_json(out / JOURNAL_NAME, MAX_JOURNAL_BYTES, "pack journal")
+    except (OSError, UserError):
         return {}, {}
     if not isinstance(journal, dict) or journal.get("fingerprint") != fingerprint:
         return {}, {}
@@ -162,8 +180,8 @@ def _load_journal(
         rec = records.get(name) if isinstance(records, dict) else None
         has_organ = organ.get(name) if isinstance(organ, dict) else None
         try:
-            info = ShardInfo(**rec)
-        except TypeError:  # no record, or one written by another version
+            info = shard_info(rec)
+        except ValueError:  # no record, or one written by another version
             continue
         if isinstance(has_organ, bool) and _still_valid(out / name, info, keys):
             done[name], organs[name] = info, has_organ

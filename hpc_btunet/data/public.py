@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import re
 import sys
@@ -38,14 +39,17 @@ from hpc_btunet.data.imageio import (
     read_mask,
     resize_image,
     resize_mask,
+    special_file,
     to_channels,
     to_uint8,
 )
 from hpc_btunet.data.sample import Entry, Sample
 from hpc_btunet.errors import DataError, UserError
+from hpc_btunet.readers import MB, UnreadableFile, read_text
 
 MAX_LISTED = 20  # offending files listed per kind of problem; the rest are counted
 PROGRESS_MIN = 200  # files to validate before a progress bar is worth showing
+MAX_SOLUTION_BYTES = 256 * MB  # KDSB18's stage1_solution.csv is a few MB
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,12 @@ class Item:
     label: str | None = None
     labelled: bool = True
     rle: tuple[str, ...] = ()
+
+
+def printable(name: str) -> str:
+    """``name`` as it may appear in a message: quoted with escapes (``'a\\nb'``) when it holds
+    a line break or another control character, so that one problem stays one line."""
+    return name if name.isprintable() else ascii(name)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -82,7 +92,7 @@ class Problems:
         self.fixes[kind] = fix
 
     def rel(self, path: Path) -> str:
-        return _relative(path, self.root)
+        return printable(_relative(path, self.root))
 
     def raise_if_any(self) -> None:
         if not self.lines:
@@ -116,6 +126,7 @@ class PairedSource:
         self.root = Path(root)
         self.resize = resize
         self.warnings: list[str] = []
+        self._skipped: list[tuple[Path, str]] = []  # (file, why) the last scan did not use
         self._channels: int | None = None if channels == "auto" else int(channels)
         self._items: dict[str, Item] = {}
 
@@ -123,8 +134,14 @@ class PairedSource:
 
     def scan(self, problems: Problems) -> list[Item]:
         """Every sample of the layout under ``self.root`` (file names only, nothing decoded);
-        layout problems go to ``problems``."""
+        layout problems go to ``problems``, files inside the layout that it does not use to
+        :meth:`skip`."""
         raise NotImplementedError
+
+    def skip(self, path: Path, why: str) -> None:
+        """Record a file (or folder) of the layout that no sample uses: ``entries`` names them
+        all in one warning, so that nothing is left out silently."""
+        self._skipped.append((path, why))
 
     @classmethod
     def looks_like(cls, root: Path) -> bool:
@@ -165,8 +182,21 @@ class PairedSource:
             what = "is not a folder" if self.root.exists() else "does not exist"
             raise DataError(f"--source {self.kind}: --root {self.root} {what}")
         problems = Problems(self.root, self.kind)
+        self._skipped, self.warnings = [], []
         items = self.scan(problems)
+        for item in items:  # named before any of them is opened: a named pipe would block
+            for path in (item.image, *item.masks):
+                what = special_file(path)
+                if what is not None:
+                    problems.add(
+                        "not a regular file",
+                        f"{problems.rel(path)}: {what}",
+                        "replace it with the image file it stands for, or remove the sample (a "
+                        "named pipe, socket or device is never opened)",
+                    )
         problems.raise_if_any()
+        if self._skipped:
+            self.warnings.append(skipped_warning(self._skipped, self.root, self.kind))
         if not items:
             raise DataError(self._layout_message())
         by_key: dict[str, list[Item]] = defaultdict(list)
@@ -260,6 +290,20 @@ def layout_hint(root: Path, kind: str) -> str:
                 if cls.looks_like(root):
                     guess.append(name)
     return f"; it looks like --source {' or '.join(guess)}" if guess else ""
+
+
+SKIPPED_LISTED = 10  # skipped files named in the warning; the rest are counted
+
+
+def skipped_warning(skipped: list[tuple[Path, str]], root: Path, kind: str) -> str:
+    """One line naming the files of a layout that no sample uses, and why."""
+    shown = ", ".join(
+        f"{printable(_relative(p, root))} ({why})" for p, why in skipped[:SKIPPED_LISTED]
+    )
+    more = f" (+{len(skipped) - SKIPPED_LISTED} more)" if len(skipped) > SKIPPED_LISTED else ""
+    return (
+        f"skipped {len(skipped)} file(s) of {root} that --source {kind} does not use: {shown}{more}"
+    )
 
 
 _FIXES = {
@@ -376,29 +420,34 @@ class Kdsb18Source(PairedSource):
         """ImageId -> run-length masks of ``stage1_solution.csv`` (beside the folders), if any."""
         for where in (self.root, self.root.parent):
             path = where / "stage1_solution.csv"
-            if path.is_file():
+            if path.exists() and not path.is_dir():  # a named pipe too: refused by name below
                 break
         else:
             return {}
         out: dict[str, list[str]] = defaultdict(list)
         try:
-            with open(path, newline="") as f:
+            text = read_text(path, MAX_SOLUTION_BYTES, "solution file")
+            with io.StringIO(text, newline="") as f:
                 reader = csv.DictReader(f)
                 if not {"ImageId", "EncodedPixels"} <= set(reader.fieldnames or ()):
                     raise ValueError(f"columns {reader.fieldnames}, need ImageId and EncodedPixels")
                 for row in reader:
                     out[row["ImageId"]].append(row["EncodedPixels"])
-        except (OSError, ValueError, csv.Error) as e:
+        except (OSError, ValueError, csv.Error, UnreadableFile) as e:
             problems.add(
                 "unreadable solution file",
-                f"{problems.rel(path)}: {e}",
+                f"{problems.rel(path)}: {str(e).removeprefix(f'{path} ')}",
                 "download stage1_solution.csv again, or remove it to pack stage1_test unlabelled",
             )
         return out
 
     def _scan_part(self, part: Path, solution: dict, problems: Problems) -> list[Item]:
         items, unlabelled = [], []
-        for sub in _subfolders(part):
+        subs = _subfolders(part)
+        for other in _entries(part):
+            if other not in subs:
+                self.skip(other, "not a sample folder")
+        for sub in subs:
             image = sub / "images" / f"{sub.name}.png"
             if not image.exists():
                 if (sub / "images").is_dir() or (sub / "masks").is_dir():
@@ -407,8 +456,17 @@ class Kdsb18Source(PairedSource):
                         f"{problems.rel(image)}",
                         "each <id>/images/ holds <id>.png: download the sample again",
                     )
+                else:
+                    self.skip(sub, "no images/ or masks/ inside")
                 continue
-            masks = tuple(sorted(p for p in (sub / "masks").glob("*") if is_image_file(p)))
+            for other in _entries(sub / "images"):
+                if other != image:
+                    self.skip(other, f"not {sub.name}.png")
+            found = _entries(sub / "masks")
+            masks = tuple(p for p in found if is_image_file(p) and not p.is_dir())
+            for other in found:
+                if other not in masks:
+                    self.skip(other, "not an image file")
             rle = tuple(solution.get(sub.name, ()))
             item = Item(sanitise_key(sub.name), image, masks, rle=rle)
             if not masks and not rle:
@@ -462,9 +520,10 @@ class Isic2018Source(PairedSource):
             if not match:
                 continue
             truth = self.root / _ISIC_TRUTH.format(match.group(1))
-            images = {
-                m.group(1): p for p in sorted(folder.iterdir()) if (m := _ISIC_IMAGE.match(p.name))
-            }
+            images = {}
+            for p in _entries(folder):
+                m = _ISIC_IMAGE.fullmatch(p.name)
+                (images.__setitem__(m.group(1), p) if m else self.skip(p, "not ISIC_<id>.jpg"))
             if not truth.is_dir():
                 items += [Item(k, p, labelled=False) for k, p in images.items()]
                 if images:
@@ -473,9 +532,10 @@ class Isic2018Source(PairedSource):
                         "unlabelled"
                     )
                 continue
-            masks = {
-                m.group(1): p for p in sorted(truth.iterdir()) if (m := _ISIC_MASK.match(p.name))
-            }
+            masks = {}
+            for p in _entries(truth):
+                m = _ISIC_MASK.fullmatch(p.name)
+                (masks.__setitem__(m.group(1), p) if m else self.skip(p, "not a mask name"))
             for key, path in images.items():
                 if key not in masks:
                     problems.add(
@@ -485,19 +545,15 @@ class Isic2018Source(PairedSource):
                     )
                     continue
                 items.append(Item(key, path, (masks[key],)))
-            orphans = sorted(set(masks) - set(images))
-            if orphans:
-                self.warnings.append(
-                    f"{truth.name}: {len(orphans)} masks without an image are ignored "
-                    f"({', '.join(orphans[:5])})"
-                )
+            for key in sorted(set(masks) - set(images)):
+                self.skip(masks[key], "a mask without its image")
         return items
 
 
 # --- BUSI --------------------------------------------------------------------------------------------
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
-_BUSI_FILE = re.compile(r"^(?P<stem>.+?)(?P<mask>_mask(?:_(?P<n>\d+))?)?$")
+_BUSI_FILE = re.compile(r"(?P<stem>.+?)(?P<mask>_mask(?:_(?P<n>\d+))?)?", re.DOTALL)
 
 
 class BusiSource(PairedSource):
@@ -520,6 +576,10 @@ class BusiSource(PairedSource):
     def scan(self, problems: Problems) -> list[Item]:
         base = self.root / "Dataset_BUSI_with_GT"
         base = base if base.is_dir() else self.root
+        for other in _entries(base):
+            if other.name not in BUSI_CLASSES:
+                why = "not a class folder" if other.is_dir() else "not in a class folder"
+                self.skip(other, f"{why} ({', '.join(BUSI_CLASSES)})")
         items = []
         for label in BUSI_CLASSES:
             folder = base / label
@@ -527,10 +587,11 @@ class BusiSource(PairedSource):
                 continue
             images: dict[str, Path] = {}
             masks: dict[str, list[Path]] = defaultdict(list)
-            for path in sorted(folder.iterdir()):
-                if not is_image_file(path):
+            for path in _entries(folder):
+                m = _BUSI_FILE.fullmatch(path.stem)
+                if not is_image_file(path) or path.is_dir() or m is None:
+                    self.skip(path, "not an image file")
                     continue
-                m = _BUSI_FILE.match(path.stem)
                 (
                     masks[m["stem"]].append(path)
                     if m["mask"]
@@ -548,7 +609,8 @@ class BusiSource(PairedSource):
                 key = sanitise_key(stem).strip("_")
                 items.append(Item(re.sub("_+", "_", key), path, found, label=label))
             for stem in sorted(set(masks) - set(images)):
-                self.warnings.append(f"{label}/: masks of {stem!r} have no image and are ignored")
+                for path in masks[stem]:
+                    self.skip(path, "a mask without its image")
         return items
 
 
@@ -579,12 +641,17 @@ class BusisSource(PairedSource):
         mask_dir = next((folders[n] for n in _BUSIS_MASKS if n in folders), self.root)
         masks = {
             p.stem[: -len("_GT")]: p
-            for p in sorted(mask_dir.iterdir())
-            if is_image_file(p) and p.stem.endswith("_GT")
+            for p in _entries(mask_dir)
+            if is_image_file(p) and p.stem.endswith("_GT") and not p.is_dir()
         }
+        used = set(masks.values())
         items = []
-        for path in sorted(image_dir.iterdir()):
-            if not is_image_file(path) or path.stem.endswith("_GT"):
+        for path in _entries(image_dir):
+            if path.stem.endswith("_GT") and path in used:
+                continue
+            if not is_image_file(path) or path.is_dir() or path.stem.endswith("_GT"):
+                if path.parent != self.root or not path.is_dir():
+                    self.skip(path, "not an image file")
                 continue
             if path.stem not in masks:
                 problems.add(
@@ -594,7 +661,22 @@ class BusisSource(PairedSource):
                 )
                 continue
             items.append(Item(sanitise_key(path.stem), path, (masks[path.stem],)))
+        images = {i.image.stem for i in items}
+        for stem in sorted(set(masks) - images):
+            self.skip(masks[stem], "a mask without its image")
+        if mask_dir != image_dir:
+            for path in _entries(mask_dir):
+                if path not in used:
+                    self.skip(path, "not a mask name (<id>_GT.<ext>)")
         return items
+
+
+def _entries(folder: Path) -> list[Path]:
+    """Everything directly in ``folder``, sorted ([] when it cannot be listed)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _subfolders(root: Path) -> list[Path]:

@@ -13,14 +13,31 @@ from hpc_btunet.errors import UserError
 
 TASKS = ("nuclei", "lesion")  # the built-in synthetic datasets; the first is the default
 _SYNTHETIC_ONLY = ("task", "abnormal_fraction")  # options of --source synthetic alone
+_PUBLIC = ("kdsb18", "isic2018", "busi", "busis")
+_VOLUMES = ("brats", "decathlon")
+# The options of ``pack`` that only some sources read, and which: one given to any other source
+# is refused (it would be ignored silently). ``channels`` and ``seed`` apply to every source.
+OPTION_SOURCES = {
+    "root": ("folder", *_PUBLIC, *_VOLUMES),
+    "num_images": ("synthetic",),
+    "group_size": ("synthetic",),
+    "task": ("synthetic",),
+    "abnormal_fraction": ("synthetic",),
+    "unlabelled": ("folder",),
+    "mask_suffix": ("folder",),
+    "group_regex": ("folder",),
+    "resize": (*_PUBLIC, *_VOLUMES),
+    "modality": _VOLUMES,
+    "target": _VOLUMES,
+    "slices": _VOLUMES,
+    "clip": _VOLUMES,
+}
 
 
 def _synthetic(root, num_images, channels, seed, group_size, task=None, abnormal_fraction=None,
                **_):  # fmt: skip
-    if root is not None:
-        raise UserError(
-            "--root is not used with --source synthetic: drop it or use --source folder"
-        )
+    num_images = 200 if num_images is None else num_images
+    group_size = 1 if group_size is None else group_size
     task = TASKS[0] if task is None else task
     if task not in TASKS:
         raise UserError(
@@ -49,7 +66,7 @@ def _synthetic(root, num_images, channels, seed, group_size, task=None, abnormal
     )
 
 
-def _folder(root, channels, unlabelled, mask_suffix, group_regex, **_):
+def _folder(root, channels, unlabelled=False, mask_suffix=None, group_regex=None, **_):
     from hpc_btunet.data.folder import FolderSource
 
     if root is None:
@@ -57,15 +74,17 @@ def _folder(root, channels, unlabelled, mask_suffix, group_regex, **_):
     return FolderSource(
         root,
         channels=channels if channels == "auto" else int(channels),
-        unlabelled=unlabelled,
-        mask_suffix=mask_suffix,
+        unlabelled=bool(unlabelled),
+        mask_suffix=mask_suffix or "",
         group_regex=group_regex,
     )
 
 
 def _public(name):
-    def factory(root, channels, resize="squash", **_):
+    def factory(root, channels, resize=None, **_):
         from hpc_btunet.data.public import ADAPTERS
+
+        resize = resize or "squash"
 
         if root is None:
             raise UserError(
@@ -78,10 +97,11 @@ def _public(name):
 
 
 def _volume(name):
-    def factory(root, channels, resize="squash", seed=0, modality=None, target=None,
-                slices="lesion", clip="0.5,99.5", **_):  # fmt: skip
+    def factory(root, channels, resize=None, seed=0, modality=None, target=None, slices=None,
+                clip=None, **_):  # fmt: skip
         from hpc_btunet.data.volume import ADAPTERS
 
+        resize, slices, clip = resize or "squash", slices or "lesion", clip or "0.5,99.5"
         if root is None:
             raise UserError(
                 f"--source {name} needs --root DIR (where the downloaded dataset was unpacked)"
@@ -95,13 +115,16 @@ def _volume(name):
 SOURCES = {
     "synthetic": _synthetic,
     "folder": _folder,
-    **{name: _public(name) for name in ("kdsb18", "isic2018", "busi", "busis")},
-    **{name: _volume(name) for name in ("brats", "decathlon")},
+    **{name: _public(name) for name in _PUBLIC},
+    **{name: _volume(name) for name in _VOLUMES},
 }
 
 
 def build_source(name: str, **options) -> Source:
-    """Build the source ``name`` from the ``pack`` options (each adapter takes what it uses)."""
+    """Build the source ``name`` from the ``pack`` options (each adapter takes what it uses).
+
+    An option is given when it is not None (or False, for a switch); one that the source does
+    not read (:data:`OPTION_SOURCES`) is refused, naming the sources that do."""
     try:
         factory = SOURCES[name]
     except KeyError:
@@ -113,4 +136,11 @@ def build_source(name: str, **options) -> Source:
             f"{flag} is an option of --source synthetic, not of --source {name}: drop it, or "
             "pack the built-in dataset (--source synthetic)"
         )
+    for option, users in OPTION_SOURCES.items():
+        if options.get(option) not in (None, False) and name not in users:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(
+                f"{flag} is not used with --source {name}: drop it (it is an option of --source "
+                f"{', '.join(users)})"
+            )
     return factory(**options)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpc_btunet.data.manifest import MAX_FOLDS
 from hpc_btunet.data.sample import Entry
 from hpc_btunet.errors import DataError, UserError
 
@@ -34,6 +35,10 @@ class SplitConfig:
             raise UserError(f"--labelled-fraction must be in (0, 1], got {self.labelled_fraction}")
         if self.folds < 2:
             raise UserError(f"--folds must be at least 2, got {self.folds}")
+        if self.folds > MAX_FOLDS:
+            raise UserError(f"--folds must be at most {MAX_FOLDS} (MAX_FOLDS), got {self.folds}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be an integer from 0 to 2^63 - 1, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,19 @@ def make_splits(entries: list[Entry], cfg: SplitConfig) -> Splits:
             "add masks or lower --test-fraction"
         )
     test_groups, _ = _take(_shuffled(labelled_groups, rng), sizes, test_target)
+    if not test_groups:  # no group fits under the target: it rounds to 0, or groups are larger
+        smallest = min(sizes[g] for g in labelled_groups)
+        asks = f"--test-fraction {cfg.test_fraction:g} of {n_total} samples"
+        why = (
+            f"{asks} rounds to 0 samples"
+            if test_target == 0
+            else f"{asks} asks for {test_target}, and the smallest group with masks holds "
+            f"{smallest}"
+        )
+        raise DataError(
+            f"the test split would be empty: {why}; pack more images (or more, smaller groups: "
+            "patients, slides) or raise --test-fraction"
+        )
     test_set = set(test_groups)
     train_groups = [g for g in groups if g not in test_set]
     n_train = sum(sizes[g] for g in train_groups)

@@ -27,7 +27,6 @@ logged) or stops with that message (``stop``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -38,9 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
-from hpc_btunet.data.manifest import MANIFEST_NAME, ShardInfo, load_manifest, sha256_file
+from hpc_btunet.data.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    ShardInfo,
+    load_manifest,
+    sha256_file,
+    shard_file_problem,
+)
 from hpc_btunet.errors import ShardError, UserError
 from hpc_btunet.folder_lock import FolderLock, FolderLocked, holder
+from hpc_btunet.readers import MB, is_regular_file, read_bytes, read_json
 
 ON_ERROR = ("fallback", "stop")
 FOLDER_PREFIX = "hpc_btunet-"
@@ -78,6 +85,7 @@ _FIX = (
     "--stage-to '$TMPDIR/hpc_btunet'"
 )
 _CHUNK = 8 << 20
+MAX_STAMP_BYTES = 64 * MB  # the stamp lists shard names
 
 
 class StageError(UserError):
@@ -147,8 +155,9 @@ def stage_dataset(
     data = Path(data)
     manifest = load_manifest(data)  # a bad --data fails as it would without staging
     shards = [s for split in splits for s in manifest.shards_of(split)]
-    raw = (data / MANIFEST_NAME).read_bytes()
+    raw = read_bytes(data / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest")
     try:
+        check_stage_to(data, expand(stage_to), stage_to)
         result = _stage(data, raw, shards, stage_to, wait_s, mounts)
     except StageError as e:
         if on_error == "stop":
@@ -170,6 +179,28 @@ def expand(stage_to: str | Path) -> Path:
             "set it in the job's environment (e.g. a profile's setup line) or give a path",
         )
     return Path(os.path.abspath(text))
+
+
+def check_stage_to(data: str | Path, root: Path, given: str | Path | None = None) -> None:
+    """Refuse a ``--stage-to`` (``root``, expanded) inside ``--data``, or ``--data`` inside it
+    (the copy would nest in the dataset it copies, or replace it): a ``UserError`` naming both,
+    whatever ``--stage-on-error`` says, since no node can fix it."""
+    try:
+        data_real, root_real = Path(data).resolve(), Path(root).resolve()
+    except (OSError, RuntimeError):
+        return  # a link loop: the copy fails with its own message
+    if data_real == root_real or data_real in root_real.parents:
+        shown = root if given is None or str(given) == str(root) else f"{given} (= {root})"
+        raise UserError(
+            f"--stage-to {shown} lies inside --data {data}: the copy would be made inside the "
+            "dataset it copies; choose a folder outside it, e.g. --stage-to '$TMPDIR/hpc_btunet'"
+        )
+    if root_real in data_real.parents:
+        shown = root if given is None or str(given) == str(root) else f"{given} (= {root})"
+        raise UserError(
+            f"--data {data} lies inside --stage-to {shown}: staging would copy the dataset into "
+            "a folder that holds it; choose a --stage-to folder apart from the dataset"
+        )
 
 
 def file_system_type(path: Path, mounts: Path = MOUNTS) -> str | None:
@@ -270,7 +301,7 @@ def _copy(
         _copy_shard(data / s.name, folder / s.name, s, data)
     copy_seconds = time.monotonic() - copy_start
     target = folder / MANIFEST_NAME
-    if not target.is_file() or target.read_bytes() != raw:
+    if not _holds(target, raw):
         with atomic_open(target, "wb") as f:
             f.write(raw)
     copied = sum(s.bytes for s in todo)
@@ -298,9 +329,9 @@ def _copy(
 
 
 def _intact(path: Path, shard: ShardInfo, trusted: bool) -> bool:
-    """Whether the copy of ``shard`` at ``path`` is whole: its size, and its sha256 unless this
-    job verified it already."""
-    if not path.is_file() or path.stat().st_size != shard.bytes:
+    """Whether the copy of ``shard`` at ``path`` is whole: a regular file of its size, and its
+    sha256 unless this job verified it already."""
+    if shard_file_problem(path, shard) is not None:
         return False
     return trusted or sha256_file(path) == shard.sha256
 
@@ -308,9 +339,10 @@ def _intact(path: Path, shard: ShardInfo, trusted: bool) -> bool:
 def _copy_shard(source: Path, target: Path, shard: ShardInfo, data: Path) -> None:
     """Copy one shard under a temporary name, hashing as it goes; renamed only when its sha256
     is the manifest's."""
-    if not source.is_file():
+    problem = shard_file_problem(source, shard)
+    if problem is not None:
         raise ShardError(
-            f"{source}: missing (the manifest lists it): repack the dataset "
+            f"{problem} (the manifest lists it): repack the dataset "
             "(`hpc-btunet pack ... --overwrite`) or copy the shard again"
         )
     digest = hashlib.sha256()
@@ -329,10 +361,8 @@ def _copy_shard(source: Path, target: Path, shard: ShardInfo, data: Path) -> Non
 def _read_stamp(folder: Path, sha: str) -> dict | None:
     """The stamp when this job on this host wrote it for this manifest, else None."""
     try:
-        stamp = json.loads((folder / STAMP_NAME).read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # cut short or edited: not trusted
+        stamp = read_json(folder / STAMP_NAME, MAX_STAMP_BYTES, "staging stamp")
+    except (OSError, UserError):  # none, cut short, edited or not a file: not trusted
         return None
     mine = (
         isinstance(stamp, dict)
@@ -348,11 +378,20 @@ def _read_stamp(folder: Path, sha: str) -> dict | None:
 def _covers(folder: Path, raw: bytes, shards: list[ShardInfo], verified: list[str]) -> bool:
     """Whether the copy holds every shard (verified by this job, of the right size) and the
     manifest: then it is read without hashing it again."""
-    manifest = folder / MANIFEST_NAME
-    if not manifest.is_file() or manifest.read_bytes() != raw:
+    if not _holds(folder / MANIFEST_NAME, raw):
         return False
     done = set(verified)
     return all(s.name in done and _intact(folder / s.name, s, True) for s in shards)
+
+
+def _holds(path: Path, raw: bytes) -> bool:
+    """Whether ``path`` is a regular file holding ``raw`` (never blocks on a named pipe)."""
+    if not is_regular_file(path) or path.stat().st_size != len(raw):
+        return False
+    try:
+        return read_bytes(path, len(raw), "manifest") == raw
+    except (OSError, UserError):
+        return False
 
 
 def _trusted(folder: Path, stamp: dict) -> StageResult:

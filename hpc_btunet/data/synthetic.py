@@ -234,6 +234,25 @@ def generate_nuclei(
     return (image, mask, out.instances) if return_instances else (image, mask)
 
 
+MAX_NUM_IMAGES = 1_000_000  # keys have six digits; a million images is hours of packing
+
+
+def check_counts(num_images: int, group_size: int) -> None:
+    """``UserError`` unless both are integers from 1 to :data:`MAX_NUM_IMAGES` (checked before
+    a list of entries is made: ``--num-images 1000000000`` must not fill the memory)."""
+    for name, value in (("num_images", num_images), ("group_size", group_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(
+                f"synthetic {name} must be an integer >= 1, got {value!r}; set it to 1 or more."
+            )
+        if value > MAX_NUM_IMAGES:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} must be at most {MAX_NUM_IMAGES:,} (MAX_NUM_IMAGES), got {value:,}: "
+                "pack fewer synthetic images"
+            )
+
+
 class SyntheticSource:
     """``num_images`` generated nuclei images; consecutive ``group_size`` images share a slide style.
 
@@ -243,11 +262,7 @@ class SyntheticSource:
     kind = "synthetic"
 
     def __init__(self, num_images: int, channels: int = 1, seed: int = 0, group_size: int = 1):
-        for name, value in (("num_images", num_images), ("group_size", group_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(
-                    f"synthetic {name} must be an integer >= 1, got {value!r}; set it to 1 or more."
-                )
+        check_counts(num_images, group_size)
         if channels not in (1, 3):
             raise UserError(f"synthetic channels must be 1 (gray) or 3 (RGB), got {channels!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

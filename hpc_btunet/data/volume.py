@@ -49,12 +49,21 @@ from tqdm import tqdm
 
 from hpc_btunet.atomic import atomic_open, remove_stale_temporaries, write_json
 from hpc_btunet.data.folder import sanitise_key
-from hpc_btunet.data.imageio import RESIZE_POLICIES, pad_to_square, resize_image, resize_mask
-from hpc_btunet.data.public import Problems, layout_message
+from hpc_btunet.data.imageio import (
+    RESIZE_POLICIES,
+    pad_to_square,
+    resize_image,
+    resize_mask,
+    special_file,
+)
+from hpc_btunet.data.public import Problems, layout_message, skipped_warning
 from hpc_btunet.data.sample import Entry, Sample
 from hpc_btunet.errors import DataError, UserError
+from hpc_btunet.readers import MB, UnreadableFile, is_regular_file, open_regular, read_json
 
 MAX_CHANNELS = 4  # PNG holds 1 to 4 channels (L, LA, RGB, RGBA)
+MAX_VOXELS = 1 << 28  # 268,435,456 per 3-D volume (BraTS: 8.9 M): decoded as float32 per thread
+MAX_RECORD_BYTES = 64 * MB  # dataset.json, a spill record
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 # BraTS labels: 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing tumour (3 from 2023 on).
@@ -235,6 +244,10 @@ def check_header(subject: Subject) -> list[tuple[str, Path, str]]:
     nib = _nib()
     out, grids = [], {}
     for path in subject.files():
+        what = special_file(path)
+        if what is not None:  # named, never opened: a named pipe would block the reader
+            out.append(("not a regular file", path, what))
+            continue
         if not path.is_file():
             out.append(("missing file", path, "not found"))
             continue
@@ -247,6 +260,20 @@ def check_header(subject: Subject) -> list[tuple[str, Path, str]]:
             grids[path] = (tuple(img.shape), img.affine)
         except Exception as e:  # nibabel raises many kinds on a damaged header
             out.append(("unreadable volume", path, _reason(e)))
+    for path, (shape, _) in grids.items():
+        text = "x".join(map(str, shape))
+        voxels = int(np.prod(shape[:3], dtype=np.int64))
+        if 0 in shape:
+            out.append(("volume of the wrong shape", path, f"an axis of length 0 (shape {text})"))
+        elif voxels > MAX_VOXELS:
+            out.append(
+                (
+                    "volume too large",
+                    path,
+                    f"its header claims {text} = {voxels:,} voxels per volume, more than the "
+                    f"{MAX_VOXELS:,} (MAX_VOXELS) a subject may have; nothing was decoded",
+                )
+            )
     if out:
         return out
     lshape, laffine = grids[subject.label]
@@ -279,24 +306,25 @@ def _gzip_truncated(path: Path) -> str | None:
     if not path.name.endswith(".gz"):
         return None
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what="volume") as f:
             head = f.read(2)
             if head != b"\x1f\x8b":
                 return "not a gzip file (the name ends in .gz)"
             f.seek(-4, os.SEEK_END)
             (isize,) = struct.unpack("<I", f.read(4))
-            with gzip.open(path, "rb") as g:
+            f.seek(0)
+            with gzip.GzipFile(fileobj=f, mode="rb") as g:
                 header = g.read(352)
-    except (OSError, EOFError, zlib.error, struct.error) as e:
+    except (OSError, EOFError, zlib.error, struct.error, UnreadableFile) as e:
         return _reason(e)
     expected = _nifti_bytes(header)
     if expected is None or isize == expected % 2**32:
         return None
     try:  # a file of several gzip members has its last member's size there: inflate to be sure
-        with gzip.open(path, "rb") as g:
+        with open_regular(path, what="volume") as f, gzip.GzipFile(fileobj=f, mode="rb") as g:
             while g.read(1 << 24):
                 pass
-    except (OSError, EOFError, zlib.error) as e:
+    except (OSError, EOFError, zlib.error, UnreadableFile) as e:
         return f"ends early (cut download?): {_reason(e)}"
     return None
 
@@ -350,10 +378,10 @@ def spill_subject(subject: Subject, opts: _Options) -> tuple[Spill | None, list]
     scratch = Path(opts.scratch)
     digest = _subject_digest(subject, opts)
     done = scratch / f"{subject.name}-{digest[:16]}.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        spill = Spill(**json.loads(done.read_text()))
+    with contextlib.suppress(OSError, ValueError, TypeError, UserError):
+        spill = Spill(**read_json(done, MAX_RECORD_BYTES, "spill record"))
         if spill.digest == digest and all(
-            (scratch / f"{spill.stem}.{part}.npy").is_file() for part in ("image", "mask")
+            _spilled(scratch / f"{spill.stem}.{part}.npy", spill) for part in ("image", "mask")
         ):
             return spill, []
     nib = _nib()
@@ -420,6 +448,15 @@ def spill_subject(subject: Subject, opts: _Options) -> tuple[Spill | None, list]
     return spill, []
 
 
+def _spilled(path: Path, spill: Spill) -> bool:
+    """Whether ``path`` is a regular ``.npy`` file holding the slices ``spill`` records (its
+    header read, not its data): a damaged or foreign spill is decoded again."""
+    if not is_regular_file(path):
+        return False
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array.dtype == np.uint8 and array.shape[:3] == (len(spill.slices), *spill.shape)
+
+
 # --- the adapters ---------------------------------------------------------------------------------
 
 
@@ -439,6 +476,10 @@ class VolumeSource:
         "(same shape and affine); download both again",
         "unexpected label values": "use the dataset's own label maps",
         "volume holds NaN or infinity": "download the file again, or remove the subject",
+        "not a regular file": "replace it with the volume it stands for, or remove the subject "
+        "(a named pipe, socket or device is never opened)",
+        "volume too large": f"crop or resample it below {MAX_VOXELS:,} voxels, or remove the "
+        "subject",
     }
 
     def __init__(
@@ -470,11 +511,18 @@ class VolumeSource:
         self._spills: dict[str, Spill] = {}
         self._scratch: Path | None = None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+        self._skipped: list[tuple[Path, str]] = []
 
     # -- what a subclass provides ----------------------------------------------------------------
 
     def scan(self, problems: Problems) -> list[Subject]:
+        """Every subject of the layout (file names only); layout problems go to ``problems``,
+        files of the layout that no subject uses to :meth:`skip`."""
         raise NotImplementedError
+
+    def skip(self, path: Path, why: str) -> None:
+        """Record a file of the layout that no subject uses (named in one warning)."""
+        self._skipped.append((path, why))
 
     @classmethod
     def looks_like(cls, root: Path) -> bool:
@@ -597,7 +645,10 @@ class VolumeSource:
                 what = "is not a folder" if self.root.exists() else "does not exist"
                 raise DataError(f"--source {self.kind}: --root {self.root} {what}")
             problems = Problems(self.root, self.kind)
+            self._skipped = []
             subjects = self.scan(problems)
+            if self._skipped:
+                self.warnings.append(skipped_warning(self._skipped, self.root, self.kind))
             if not subjects:
                 problems.raise_if_any()
                 raise DataError(self._layout_message())
@@ -638,9 +689,11 @@ class VolumeSource:
 
 
 def _nifti_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.nii.gz`` or ``.nii`` when there is such a name that is not a folder (a
+    named pipe too: ``check_header`` names it as not a regular file)."""
     for suffix in NIFTI_SUFFIXES:
         p = folder / f"{stem}{suffix}"
-        if p.is_file():
+        if p.exists() and not p.is_dir():
             return p
     return None
 
@@ -702,6 +755,11 @@ class BratsSource(VolumeSource):
                 )
                 continue
             subjects.append(Subject(folder.name, tuple(channels), label, grade))
+            known = {f"{folder.name}_{m}{x}" for m in (*BRATS_MODALITIES, "seg")
+                     for x in NIFTI_SUFFIXES}  # fmt: skip
+            for path in sorted(folder.iterdir()):
+                if path.name not in known:
+                    self.skip(path, f"not {folder.name}_<modality or seg>.nii.gz")
         return subjects
 
 
@@ -747,16 +805,21 @@ class DecathlonSource(VolumeSource):
     def _meta(self) -> dict:
         if not hasattr(self, "_meta_cache"):
             path = self.root / "dataset.json"
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(self._layout_message())
+            fix = "download the dataset again"
             try:
-                meta = json.loads(path.read_text())
+                meta = read_json(path, MAX_RECORD_BYTES, "dataset.json", fix)
                 if not isinstance(meta, dict):
                     raise ValueError("not a JSON object")
+            except UnreadableFile as e:
+                why = str(e).removeprefix(f"{path} ").removesuffix(f": {fix}")
+                raise DataError(
+                    f"--source decathlon: {path} is not readable JSON (it {why}): {fix}"
+                ) from None
             except (OSError, ValueError) as e:
                 raise DataError(
-                    f"--source decathlon: {path} is not readable JSON ({_reason(e)}): download "
-                    "the dataset again"
+                    f"--source decathlon: {path} is not readable JSON ({_reason(e)}): {fix}"
                 ) from None
             self._meta_cache = meta
         return self._meta_cache
@@ -849,6 +912,18 @@ class DecathlonSource(VolumeSource):
                     continue
                 channels = tuple(Channel(p) for p in per if p is not None)
             subjects.append(Subject(case, channels, label))
+        used = {c.path for subject in subjects for c in subject.channels}
+        used |= {subject.label for subject in subjects}
+        for folder in (images, labels):
+            for path in sorted(folder.iterdir()):
+                if path in used:
+                    continue
+                if path.name.startswith("._"):
+                    self.skip(path, "a macOS resource fork")
+                elif folder == images and _is_nifti(path):
+                    self.skip(path, "an image without its label in labelsTr/")
+                else:
+                    self.skip(path, "not a case's volume")
         label_files = {_nifti_name(c) for c in cases} | {p.name for p in labels.iterdir()}
         for name in sorted(listed - label_files):
             problems.add(

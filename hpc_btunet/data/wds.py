@@ -14,7 +14,9 @@ labelled subset, or a fold's training or validation part), each sample's CRC-32 
 payloads compared with the manifest's before anything is decoded (a damaged sample raises
 :class:`~hpc_btunet.errors.ShardError` naming the shard and the key), images uint8 H x W x C and
 masks uint8 H x W in {0, 1} (None for a sample packed without one), organ masks likewise (None
-unless the dataset stores them: the lesion dataset), shapes checked against the manifest.
+unless the dataset stores them: the lesion dataset), shapes checked against the manifest (from
+each payload's header, before it is decoded: a small PNG may claim billions of pixels), the JSON
+member parsed strictly (:func:`hpc_btunet.readers.loads_json`).
 Images are decoded by webdataset's decoders where those keep the channels as packed (PNG of
 1, 3 or 4 channels; ``.npy``), by the toolkit's codec otherwise (2-channel PNG).
 
@@ -37,9 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hpc_btunet.data.codec import decode_array, payload_crc
-from hpc_btunet.data.manifest import Manifest, ShardInfo, load_manifest, verify_shards
+from hpc_btunet.data.codec import ShapeMismatch, check_shape, decode_array, payload_crc
+from hpc_btunet.data.manifest import (
+    Manifest,
+    ShardInfo,
+    check_shard_files,
+    load_manifest,
+    verify_shards,
+)
 from hpc_btunet.errors import ShardError, UserError
+from hpc_btunet.readers import loads_json
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -137,23 +146,6 @@ def selected_keys(
     return keys
 
 
-def check_shard_files(root: Path, shards: list[ShardInfo]) -> None:
-    """Every shard exists with the size the manifest gives (a truncated copy fails here)."""
-    problems = []
-    for s in shards:
-        path = root / s.name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != s.bytes:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {s.bytes}")
-    if problems:
-        raise ShardError(
-            "shard(s) do not match the manifest:\n  "
-            + "\n  ".join(problems)
-            + "\nrepack the dataset or copy the shards again (`hpc-btunet verify` checks them)"
-        )
-
-
 class CheckedSamples:
     """The pipeline stage between the tar reader and the decoder: keeps the selected samples,
     each with its members in stored order, after comparing their CRC-32 with the manifest's.
@@ -162,6 +154,9 @@ class CheckedSamples:
 
     def __init__(self, manifest: Manifest, urls: dict[str, ShardInfo], keys: set[str] | None):
         self.encoding = manifest.encoding
+        size, channels = manifest.image_size, manifest.channels
+        self.size, self.channels = size, channels
+        self.image_shape = (size, size) if channels == 1 else (size, size, channels)
         self.organ = manifest.has_organ
         self.unlabelled = set(manifest.unlabelled)
         self.shards = {url: (s, {k: i for i, k in enumerate(s.keys)}) for url, s in urls.items()}
@@ -196,7 +191,31 @@ class CheckedSamples:
                     f"shard {url}: sample {key!r} fails its checksum (its bytes changed since "
                     f"it was packed): the shard is corrupt; {_FIX}"
                 )
+            self._check_headers(url, key, sample)
             yield {"__key__": key, "__url__": url} | {m: sample[m] for m in members}
+
+    def _check_headers(self, url: str, key: str, sample: dict) -> None:
+        """Each payload's header (a PNG's IHDR, an npy header: a few bytes) against the
+        manifest's shape, before a decoder allocates what it claims."""
+        enc, size = self.encoding, self.size
+        for name, shape in (("image", self.image_shape), ("mask", (size, size)),
+                            ("organ", (size, size))):  # fmt: skip
+            payload = sample.get(f"{name}.{enc}")
+            if payload is None:
+                continue
+            try:
+                check_shape(payload, enc, shape)
+            except ShapeMismatch as e:
+                raise ShardError(
+                    f"shard {url}: sample {key!r}: its {name} header says "
+                    f"{' x '.join(map(str, e.found[0]))} {e.found[1]}, the manifest says {size} x "
+                    f"{size} pixels, {self.channels} channel(s), uint8 (nothing was decoded): the "
+                    "shard does not belong to this manifest; repack the dataset"
+                ) from None
+            except ValueError as e:
+                raise ShardError(
+                    f"shard {url}: sample {key!r} does not decode ({name}.{enc}: {e}); {_FIX}"
+                ) from None
 
 
 class _Member:
@@ -213,17 +232,29 @@ def _codec_png(key: str, data: bytes) -> np.ndarray:
     return decode_array(data, "png")
 
 
+def _json_member(key: str, data: bytes) -> Any:
+    """A sample's JSON member, parsed strictly (no key twice, bounded nesting, UTF-8)."""
+    return loads_json(data, "its JSON member", "repack the dataset")
+
+
 def _decoders(manifest: Manifest) -> list:
-    """Handlers for the image members; ``.npy`` and ``.json`` are webdataset's defaults."""
+    """Handlers for the image members and the JSON member (strict); ``.npy`` is webdataset's
+    default."""
+    json_member = _Member("json", _json_member)
     if manifest.encoding != "png":
-        return []
+        return [json_member]
     from webdataset.autodecode import ImageHandler
 
     # webdataset converts every PNG to one mode; these keep the channels as packed
     spec = {1: "l8", 3: "rgb8", 4: "rgba8"}.get(manifest.channels)
     image = ImageHandler(spec) if spec else _codec_png
     binary = ImageHandler("l8")
-    return [_Member("mask.png", binary), _Member("organ.png", binary), _Member("image.png", image)]
+    return [
+        _Member("mask.png", binary),
+        _Member("organ.png", binary),
+        _Member("image.png", image),
+        json_member,
+    ]
 
 
 def _as_sample(size: int, channels: int, sample: dict) -> dict:

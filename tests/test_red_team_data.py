@@ -383,8 +383,9 @@ def test_named_pipes_are_refused_by_name_without_waiting(world, case):
 def test_stage_to_inside_data_is_refused_naming_both(world):
     data = world["data"]
     args = ["pretrain", "--data", data, "--out", world["root"] / "exp-stage", *PRE]
-    err = refused([*args, "--stage-to", data / "node"], ["--stage-to", "lies inside --data"],
-                  root=data)  # fmt: skip
+    # refused before submission: nothing is written anywhere
+    words = ["--stage-to", "lies inside --data"]
+    err = refused([*args, "--stage-to", data / "node"], words, root=world["root"])
     assert f"{data}/node" in err and f"--data {data}" in err
 
 

@@ -228,6 +228,12 @@ class JobConfig:
         self.check_world_size(world_size)
         self.check_engine(world_size, device_type)
         resolve_mode(self.wandb)  # WANDB_MODE, which the job reads, as the flag is checked
+        if self.stage_to is not None and "$" not in str(self.stage_to):
+            # a path without variables is the same here and on the node: a copy inside the
+            # dataset it copies is refused now (with variables, when the job stages)
+            from hpc_btunet.data.staging import check_stage_to, expand
+
+            check_stage_to(self.data, expand(self.stage_to), self.stage_to)
         manifest = load_manifest(self.data)
         model = build_model(self.model, in_channels=manifest.channels, **self.model_options())
         check_input_size(model, manifest.image_size)
